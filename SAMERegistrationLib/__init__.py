@@ -1,0 +1,1 @@
+"""SAMERegistration backend: image geometry, transforms, losses and the registration pipeline."""
