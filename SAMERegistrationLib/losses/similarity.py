@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-_MASK_EPS = 1e-8
+_EPS = 1e-8
 
 
 def _check_pair(fn: str, fixed: Tensor, warped: Tensor, names: tuple[str, str] = ("fixed", "warped")) -> None:
@@ -34,7 +34,7 @@ def _check_pair(fn: str, fixed: Tensor, warped: Tensor, names: tuple[str, str] =
 
 
 def _check_mask(fn: str, mask: Tensor | None, ref: Tensor) -> Tensor | None:
-    """Validate ``mask`` against ``ref`` (N, C, D, H, W); return it as (N, 1, D, H, W) in ref's dtype/device."""
+    """Check ``mask`` fits ``ref`` (N, C, D, H, W); return it as (N, 1, D, H, W) in ref's dtype and device."""
     if mask is None:
         return None
     target = (ref.shape[0], 1, *ref.shape[2:])
@@ -44,7 +44,8 @@ def _check_mask(fn: str, mask: Tensor | None, ref: Tensor) -> Tensor | None:
         ok = False
     if not ok:
         raise ValueError(
-            f"{fn}(): 'mask' must be broadcastable to (N, 1, D, H, W) = {target}, got shape {tuple(mask.shape)}"
+            f"{fn}(): 'mask' must be broadcastable to (N, 1, D, H, W) = {target}, "
+            f"got shape {tuple(mask.shape)}"
         )
     return mask.to(device=ref.device, dtype=ref.dtype).expand(target)
 
@@ -55,7 +56,7 @@ def _weighted_mean(x: Tensor, weights: Tensor | None, dim: tuple[int, ...] | Non
     if weights is None:
         return x.mean(dim)
     weights = weights.expand_as(x)
-    return (weights * x).sum(dim) / weights.sum(dim).clamp_min(_MASK_EPS)
+    return (weights * x).sum(dim) / weights.sum(dim).clamp_min(_EPS)
 
 
 def ssd(fixed: Tensor, warped: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -83,16 +84,16 @@ def ncc(fixed: Tensor, warped: Tensor, mask: Tensor | None = None, eps: float = 
     """Global normalised cross-correlation loss.
 
     For each batch item and channel, with (weighted) means over the voxels,
-    ``NCC = cov(f, w) / sqrt(var(f) * var(w) + eps)`` (population variances).
-    ``eps`` is added to the PRODUCT of the variances (same convention as
-    :func:`local_ncc`), so it is negligible when ``var(f) * var(w) >> eps``.
+    ``NCC = cov(f, w) / sqrt(var(f) * var(w) + eps**2)`` (population
+    variances): ``eps`` acts as a floor on ``std(f) * std(w)``, so it is
+    negligible when ``std(f) * std(w) >> eps`` (e.g. images in [0, 1]).
 
     Args:
         fixed: Fixed image, (N, C, D, H, W).
         warped: Warped moving image, same shape as ``fixed``.
         mask: Optional voxel weights broadcastable to (N, 1, D, H, W); they weight
             the means, variances and covariance.
-        eps: Stabiliser, in squared-variance units (intensity**4).
+        eps: Stabiliser, in covariance units (intensity**2).
 
     Returns:
         0-dim tensor ``1 - mean(NCC)`` (mean over batch items and channels), in
@@ -111,7 +112,7 @@ def ncc(fixed: Tensor, warped: Tensor, mask: Tensor | None = None, eps: float = 
     cov = _weighted_mean(f * w, weights, spatial)
     var_f = _weighted_mean(f.square(), weights, spatial)
     var_w = _weighted_mean(w.square(), weights, spatial)
-    return 1 - (cov / torch.sqrt(var_f * var_w + eps)).mean()
+    return 1 - (cov / torch.sqrt(var_f * var_w + eps**2)).mean()
 
 
 def _box_sum(x: Tensor, window: tuple[int, int, int]) -> Tensor:
@@ -163,11 +164,13 @@ def local_ncc(
             broadcast to (N, 1, D, H, W).
     """
     _check_pair("local_ncc", fixed, warped)
-    window = (window,) * 3 if isinstance(window, int) else tuple(window)
-    if len(window) != 3 or not all(isinstance(k, int) and k > 0 for k in window):
-        raise ValueError(f"local_ncc(): 'window' must be a positive odd int or a (D, H, W) 3-tuple, got {window}")
-    if any(k % 2 == 0 for k in window):
-        raise ValueError(f"local_ncc(): 'window' must be odd, got {window[0] if len(set(window)) == 1 else window}")
+    sizes = (window,) * 3 if isinstance(window, int) else tuple(window)
+    if len(sizes) != 3 or not all(isinstance(k, int) and k > 0 for k in sizes):
+        raise ValueError(
+            f"local_ncc(): 'window' must be a positive odd int or a (D, H, W) 3-tuple, got {window}"
+        )
+    if any(k % 2 == 0 for k in sizes):
+        raise ValueError(f"local_ncc(): 'window' must be odd, got {window}")
     weights = _check_mask("local_ncc", mask, fixed)
 
     channels = fixed.shape[1]
@@ -175,8 +178,8 @@ def local_ncc(
     # cancellation in E[x^2] - E[x]^2 for intensities with a large offset.
     f = fixed - fixed.detach().mean((2, 3, 4), keepdim=True)
     w = warped - warped.detach().mean((2, 3, 4), keepdim=True)
-    count = _box_sum(fixed.new_ones((1, 1, *fixed.shape[2:])), window)
-    sums = _box_sum(torch.cat([f, w, f * f, w * w, f * w], dim=1), window) / count
+    count = _box_sum(fixed.new_ones((1, 1, *fixed.shape[2:])), sizes)
+    sums = _box_sum(torch.cat([f, w, f * f, w * w, f * w], dim=1), sizes) / count
     mean_f, mean_w, mean_ff, mean_ww, mean_fw = sums.split(channels, dim=1)
     var_f = (mean_ff - mean_f.square()).clamp_min(0)
     var_w = (mean_ww - mean_w.square()).clamp_min(0)
@@ -242,7 +245,9 @@ def mutual_information(
     if sigma <= 0:
         raise ValueError(f"mutual_information(): 'sigma' must be > 0, got {sigma}")
     if value_range is not None and (len(value_range) != 2 or not value_range[1] > value_range[0]):
-        raise ValueError(f"mutual_information(): 'value_range' must be (lo, hi) with hi > lo, got {value_range}")
+        raise ValueError(
+            f"mutual_information(): 'value_range' must be (lo, hi) with hi > lo, got {value_range}"
+        )
     if max_samples < 1:
         raise ValueError(f"mutual_information(): 'max_samples' must be >= 1, got {max_samples}")
 
@@ -250,27 +255,29 @@ def mutual_information(
     if value_range is None:
         ranges = [(x.detach().amin(-1, keepdim=True), x.detach().amax(-1, keepdim=True)) for x in (f, w)]
     else:
-        ranges = [value_range] * 2
+        ranges = [tuple(f.new_tensor(float(v)) for v in value_range)] * 2
     if weights is not None:
         weights = weights.flatten(2)  # (N, 1, V)
     num_voxels = f.shape[-1]
     if num_voxels > max_samples:
         index_device = generator.device if generator is not None else f.device
-        index = torch.randint(num_voxels, (max_samples,), generator=generator, device=index_device).to(f.device)
+        index = torch.randint(num_voxels, (max_samples,), generator=generator, device=index_device)
+        index = index.to(f.device)
         f, w = f[..., index], w[..., index]
         weights = None if weights is None else weights[..., index]
 
     centres = torch.linspace(0, 1, bins, device=f.device, dtype=f.dtype)
 
-    def parzen(x: Tensor, lo: Tensor | float, hi: Tensor | float) -> Tensor:
-        unit = ((x - lo) / torch.as_tensor(hi - lo).clamp_min(_MASK_EPS)).clamp(0, 1)
-        return torch.softmax(-(unit[..., None] - centres).square() / (2 * sigma**2), dim=-1)  # (N, C, S, bins)
+    def parzen(x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+        unit = ((x - lo) / (hi - lo).clamp_min(_EPS)).clamp(0, 1)
+        logits = -(unit[..., None] - centres).square() / (2 * sigma**2)
+        return torch.softmax(logits, dim=-1)  # normalised Gaussian bin weights, (N, C, S, bins)
 
     p_f, p_w = parzen(f, *ranges[0]), parzen(w, *ranges[1])
     if weights is not None:
         p_f = p_f * weights[..., None]
     joint = p_f.transpose(-1, -2) @ p_w  # (N, C, bins, bins)
-    joint = joint / joint.sum((-2, -1), keepdim=True).clamp_min(_MASK_EPS)
+    joint = joint / joint.sum((-2, -1), keepdim=True).clamp_min(_EPS)
 
     def neg_entropy(p: Tensor, dim: tuple[int, ...]) -> Tensor:
         return (p * p.clamp_min(torch.finfo(p.dtype).tiny).log()).sum(dim)
@@ -317,11 +324,10 @@ def soft_dice(
             f"with exclude_background={exclude_background}, got {fixed_probs.shape[1]}"
         )
     a, b = fixed_probs[:, first:], warped_probs[:, first:]
-    if weights is not None:
-        a, b = a * weights, b * weights
+    voxel_weights = 1 if weights is None else weights
     spatial = (2, 3, 4)
-    intersection = (a * b).sum(spatial) if weights is None else (a * warped_probs[:, first:]).sum(spatial)
-    total = a.sum(spatial) + b.sum(spatial)
+    intersection = (voxel_weights * a * b).sum(spatial)
+    total = (voxel_weights * (a + b)).sum(spatial)
     present = total > eps
     dice = 2 * intersection / total.clamp_min(eps)
     return ((1 - dice) * present).sum() / present.sum().clamp_min(1)

@@ -1,7 +1,7 @@
 """Reading image values at physical points: the single place that calls ``grid_sample``.
 
 All functions take points in LPS millimetres and convert them with
-:meth:`Grid.world_to_sampling`; nothing else in the library handles grid_sample's axis order.
+:meth:`Grid.world_to_index_points` and :meth:`Grid.index_to_sampling`; nothing else in the library handles grid_sample's axis order.
 """
 
 from __future__ import annotations

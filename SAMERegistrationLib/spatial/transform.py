@@ -6,8 +6,8 @@ direction used by ITK, Slicer's "FromParent" and every file this library writes)
     phi(x) = A @ (x + w(x))
 
 ``A`` is a 4x4 LPS affine and ``w`` a displacement field ``(3, D, H, W)`` of LPS mm vectors on
-``field_grid`` (zero where there is no field). The field is sampled with border padding, so points
-just outside its grid get the nearest edge displacement rather than a jump to zero.
+``field_grid``. Like ITK's DisplacementFieldTransform, the field is zero beyond half a voxel outside
+its grid, so a written transform file maps every point exactly as :meth:`map_points` does.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class SpatialTransform:
         """phi(points): fixed LPS mm ``(..., 3)`` -> moving LPS mm ``(..., 3)``."""
         if self.field is not None:
             field = self.field.to(points.device, points.dtype)
-            displacement = sample_at_points(field, self.field_grid, points, padding="border")
+            displacement = sample_at_points(field, self.field_grid, points)
             points = points + torch.movedim(displacement, 0, -1)
         return apply_affine(self.affine, points)
 
@@ -89,7 +89,7 @@ class SpatialTransform:
         if self.field is None:
             return SpatialTransform(self.affine, residual.clone(), grid)
         moved = grid.world_points(device=residual.device) + torch.movedim(residual, 0, -1)
-        previous = sample_at_points(self.field.to(residual.device), self.field_grid, moved, padding="border")
+        previous = sample_at_points(self.field.to(residual.device), self.field_grid, moved)
         return SpatialTransform(self.affine, residual + previous, grid)
 
     def displacement_on(self, grid: Grid, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -1,0 +1,248 @@
+"""Transforms to and from ITK files (readable by SimpleITK, ITK, ANTs and 3D Slicer).
+
+Every transform here maps *fixed* LPS mm points to *moving* LPS mm points, exactly like
+:meth:`SpatialTransform.map_points` and ITK's resampling convention.
+
+ITK's ``CompositeTransform`` applies the transform added *last* first:
+after ``AddTransform(A)`` then ``AddTransform(B)`` it maps ``x`` to ``A(B(x))``.
+
+Displacement fields outside their grid: ITK uses zero displacement, :class:`SpatialTransform` the
+nearest edge displacement, so both agree inside the field grid only.
+
+NIfTI displacement fields (intent code 1006, NIFTI_INTENT_DISPVECT) hold *RAS* vectors: ITK converts
+them to LPS when it reads such a file, so :func:`write_displacement_field` stores RAS components.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .errors import InputError
+from .spatial.grid import LPS_TO_RAS, Grid
+from .spatial.transform import SpatialTransform
+
+NIFTI_INTENT_DISPVECT = 1006
+_NIFTI1_HEADER_SIZE = 348
+_NIFTI1_INTENT_CODE_OFFSET = 68
+
+
+# --------------------------------------------------------------------------------------- affines
+def affine_to_sitk(matrix: np.ndarray) -> sitk.AffineTransform:
+    """A 4x4 LPS affine (fixed -> moving) as an ITK ``AffineTransform`` with centre 0."""
+    matrix = np.asarray(matrix, dtype=float)
+    transform = sitk.AffineTransform(3)
+    transform.SetMatrix(tuple(matrix[:3, :3].ravel()))
+    transform.SetTranslation(tuple(matrix[:3, 3]))
+    return transform
+
+
+def affine_from_sitk(transform: sitk.Transform) -> np.ndarray:
+    """The 4x4 LPS matrix of any linear 3-D SimpleITK transform (fixed -> moving).
+
+    Works for Affine, Euler3D, Similarity3D, Versor(Rigid)3D, Translation, Scale(Versor/Skew) and a
+    CompositeTransform of linear transforms (whose last added transform acts first), by mapping the
+    origin and the unit points through ``transform``; centres of rotation are thereby included.
+
+    Raises:
+        ValueError: the transform is not 3-D or not linear.
+    """
+    if transform.GetDimension() != 3 or not transform.IsLinear():
+        raise ValueError(f"affine_from_sitk(): needs a linear 3-D transform, got a "
+                         f"{transform.GetDimension()}-D {transform.GetName()}")
+    origin = np.array(transform.TransformPoint((0.0, 0.0, 0.0)))
+    matrix = np.eye(4)
+    for axis in range(3):
+        matrix[:3, axis] = np.array(transform.TransformPoint(tuple(np.eye(3)[axis]))) - origin
+    matrix[:3, 3] = origin
+    return matrix
+
+
+def write_affine(matrix: np.ndarray, path: str | os.PathLike) -> None:
+    """Writes a 4x4 LPS affine (fixed -> moving) as an ITK transform file (``.tfm``/``.txt``/``.h5``)."""
+    _write_sitk_transform(affine_to_sitk(matrix), path)
+
+
+# --------------------------------------------------------------------------------------- fields
+def displacement_field_image(displacement: torch.Tensor, grid: Grid) -> sitk.Image:
+    """A displacement field as an ITK vector image.
+
+    Args:
+        displacement: ``(3, D, H, W)`` LPS mm vectors (x, y, z) on ``grid``; fixed point ``p`` maps to
+            ``p + displacement(p)`` in the moving image.
+        grid: the field's grid.
+
+    Returns:
+        a ``sitkVectorFloat64`` image with 3 LPS components and ``grid``'s geometry.
+    """
+    if tuple(displacement.shape) != (3, *grid.shape):
+        raise ValueError(f"displacement_field_image(): displacement shape {tuple(displacement.shape)} "
+                         f"does not match (3, *{grid.shape})")
+    vectors = torch.movedim(displacement.detach().cpu().double(), 0, -1).numpy()
+    image = sitk.GetImageFromArray(np.ascontiguousarray(vectors), isVector=True)
+    image.SetSpacing(grid.spacing)
+    image.SetOrigin(grid.origin)
+    image.SetDirection(tuple(grid.direction_matrix.ravel()))
+    return image
+
+
+def write_displacement_field(displacement: torch.Tensor, grid: Grid, path: str | os.PathLike) -> None:
+    """Writes a displacement field (fixed LPS -> moving LPS offsets) for ITK, ANTs or Slicer.
+
+    ``.nii``/``.nii.gz``: a NIfTI-1 vector image with intent code 1006 (displacement vectors) and RAS
+    components, as the NIfTI standard and ITK's reader expect (ITK reads them back as LPS).
+    ``.h5``/``.hdf5``/``.tfm``/``.txt``: an ITK ``DisplacementFieldTransform``.
+
+    Args:
+        displacement: ``(3, D, H, W)`` LPS mm vectors on ``grid``.
+        grid: the field's grid (any direction and spacing).
+        path: output file; its folder must exist.
+    """
+    name = str(path).lower()
+    if name.endswith((".nii", ".nii.gz")):
+        ras = torch.einsum("rc,c...->r...", torch.as_tensor(LPS_TO_RAS), displacement.detach().cpu().double())
+        image = displacement_field_image(ras, grid)
+        try:
+            sitk.WriteImage(image, str(path), useCompression=True)
+        except RuntimeError as error:
+            raise InputError(f"{path}: the displacement field cannot be written: check that its folder "
+                             "exists and is writable") from error
+        _set_nifti_intent_code(Path(path), NIFTI_INTENT_DISPVECT)
+    elif name.endswith((".h5", ".hdf5", ".tfm", ".txt")):
+        _write_sitk_transform(sitk.DisplacementFieldTransform(displacement_field_image(displacement, grid)), path)
+    else:
+        raise InputError(f"{path}: unknown displacement field format: use .nii.gz, .nii or .h5")
+
+
+def _set_nifti_intent_code(path: Path, code: int) -> None:
+    """Sets the intent code of a NIfTI-1 file written by SimpleITK, then checks it by reading it back.
+
+    A gzipped file is rewritten through a temporary file in the same folder (keeping the file's
+    permissions), then swapped in.
+    """
+    if path.name.lower().endswith(".gz"):
+        handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".nii.gz")
+        os.close(handle)
+        try:
+            with gzip.open(path, "rb") as source, gzip.open(temporary, "wb", compresslevel=6) as target:
+                target.write(_with_intent_code(source.read(_NIFTI1_HEADER_SIZE), code))
+                shutil.copyfileobj(source, target, length=1 << 24)
+            shutil.copymode(path, temporary)
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+    else:
+        with open(path, "r+b") as file:
+            header = _with_intent_code(file.read(_NIFTI1_HEADER_SIZE), code)
+            file.seek(0)
+            file.write(header)
+    if _read_intent_code(path) != code:
+        raise RuntimeError(f"{path}: setting the NIfTI intent code to {code} failed")
+
+
+def _nifti1_byte_order(header: bytes) -> str:
+    """``"<"`` or ``">"``: the byte order for which ``sizeof_hdr`` reads 348 (NIfTI-1)."""
+    for order in "<>":
+        if struct.unpack(order + "i", header[:4])[0] == _NIFTI1_HEADER_SIZE:
+            return order
+    raise ValueError("not a NIfTI-1 header (sizeof_hdr is not 348)")
+
+
+def _with_intent_code(header: bytes, code: int) -> bytes:
+    """A copy of a NIfTI-1 header with ``intent_code`` (int16 at byte 68) set to ``code``."""
+    patched = bytearray(header)
+    struct.pack_into(_nifti1_byte_order(header) + "h", patched, _NIFTI1_INTENT_CODE_OFFSET, code)
+    return bytes(patched)
+
+
+def _read_intent_code(path: Path) -> int:
+    """The ``intent_code`` of a NIfTI-1 file (gzipped or not)."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as file:
+        header = file.read(_NIFTI1_HEADER_SIZE)
+    return struct.unpack_from(_nifti1_byte_order(header) + "h", header, _NIFTI1_INTENT_CODE_OFFSET)[0]
+
+
+# --------------------------------------------------------------------------------------- whole results
+def to_sitk_transform(transform: SpatialTransform) -> sitk.Transform:
+    """The whole registration result as one ITK transform (fixed LPS -> moving LPS).
+
+    Returns:
+        an ``AffineTransform`` when there is no field, else a ``CompositeTransform`` holding the
+        affine and then a ``DisplacementFieldTransform``; ITK applies the last added transform first,
+        so it maps ``x`` to ``A @ (x + w(x))`` like :meth:`SpatialTransform.map_points` (inside the
+        field grid; outside it ITK uses zero displacement).
+    """
+    affine = affine_to_sitk(transform.affine)
+    if not transform.has_field:
+        return affine
+    composite = sitk.CompositeTransform(3)
+    composite.AddTransform(affine)
+    composite.AddTransform(sitk.DisplacementFieldTransform(
+        displacement_field_image(transform.field, transform.field_grid)))
+    return composite
+
+
+def write_transform(transform: SpatialTransform, path: str | os.PathLike) -> None:
+    """Writes the whole result (see :func:`to_sitk_transform`) as an ITK transform file, normally ``.h5``."""
+    _write_sitk_transform(to_sitk_transform(transform), path)
+
+
+def read_initial_transform(path: str | os.PathLike, reference_grid: Grid) -> SpatialTransform:
+    """Reads an ITK transform file (fixed LPS -> moving LPS) as a :class:`SpatialTransform`.
+
+    Linear transforms (including composites of linear ones) become an affine. Any other transform
+    (displacement field, B-spline, composites with such parts) is sampled at the voxel centres of
+    ``reference_grid`` into a displacement field on that grid, with an identity affine.
+
+    Args:
+        path: ``.tfm``, ``.txt``, ``.mat`` or ``.h5`` ITK transform file.
+        reference_grid: the fixed working grid that non-linear transforms are sampled on.
+
+    Raises:
+        InputError: the file is missing, unreadable or not a 3-D transform.
+    """
+    source = Path(path)
+    if not source.is_file():
+        raise InputError(f"initial transform {source}: does not exist: check the path")
+    try:
+        transform = sitk.ReadTransform(str(source))
+    except RuntimeError as error:
+        raise InputError(f"initial transform {source}: cannot be read as an ITK transform: give a .tfm, "
+                         ".txt, .mat or .h5 transform file") from error
+    if transform.GetDimension() != 3:
+        raise InputError(f"initial transform {source}: is {transform.GetDimension()}-D: a 3-D transform is needed")
+    if transform.IsLinear():
+        return SpatialTransform.from_affine(affine_from_sitk(transform))
+    field = _sample_displacement(transform, reference_grid)
+    return SpatialTransform(np.eye(4), field, reference_grid)
+
+
+def _sample_displacement(transform: sitk.Transform, grid: Grid) -> torch.Tensor:
+    """``transform(x) - x`` at the voxel centres of ``grid``: ``(3, D, H, W)`` float32 LPS mm."""
+    reference = sitk.Image(grid.size_ijk, sitk.sitkUInt8)
+    reference.SetSpacing(grid.spacing)
+    reference.SetOrigin(grid.origin)
+    reference.SetDirection(tuple(grid.direction_matrix.ravel()))
+    sampler = sitk.TransformToDisplacementFieldFilter()
+    sampler.SetReferenceImage(reference)
+    sampler.SetOutputPixelType(sitk.sitkVectorFloat64)
+    vectors = sitk.GetArrayFromImage(sampler.Execute(transform))
+    return torch.movedim(torch.from_numpy(vectors).float(), -1, 0).contiguous()
+
+
+def _write_sitk_transform(transform: sitk.Transform, path: str | os.PathLike) -> None:
+    try:
+        sitk.WriteTransform(transform, str(path))
+    except RuntimeError as error:
+        raise InputError(f"{path}: the transform cannot be written: use a .h5 (or, for an affine, .tfm) "
+                         "file name in a writable folder") from error
