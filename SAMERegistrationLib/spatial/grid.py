@@ -53,9 +53,10 @@ class Grid:
             raise ValueError(f"Grid: 'shape' must be three positive voxel counts, got {self.shape}")
         if len(self.spacing) != 3 or min(self.spacing) <= 0:
             raise ValueError(f"Grid: 'spacing' must be three positive sizes in mm, got {self.spacing}")
-        det = float(np.linalg.det(np.asarray(self.direction, dtype=float)))
-        if abs(abs(det) - 1.0) > 1e-3:
-            raise ValueError(f"Grid: 'direction' must be orthonormal, its determinant is {det:.4f}")
+        direction = np.asarray(self.direction, dtype=float)
+        error = float(np.abs(direction.T @ direction - np.eye(3)).max()) if direction.shape == (3, 3) else np.inf
+        if error > 1e-4:
+            raise ValueError(f"Grid: 'direction' must be an orthonormal 3x3 matrix, got {self.direction}")
 
     @staticmethod
     def create(shape, spacing, origin=(0.0, 0.0, 0.0), direction=None) -> Grid:
@@ -106,12 +107,21 @@ class Grid:
         return lps_to_ras @ self.index_to_world()
 
     @staticmethod
+    def from_index_to_world_lps(shape, index_to_world: np.ndarray) -> Grid:
+        """The grid of array ``shape`` whose 4x4 (i, j, k, 1) -> LPS matrix is ``index_to_world``.
+
+        The matrix's columns must be orthogonal (a rigid motion of a voxel grid, possibly scaled).
+        """
+        matrix = np.asarray(index_to_world, dtype=float)
+        spacing = np.linalg.norm(matrix[:3, :3], axis=0)
+        return Grid.create(shape, spacing, matrix[:3, 3], matrix[:3, :3] / spacing)
+
+    @staticmethod
     def from_index_to_world_ras(shape, ijk_to_ras: np.ndarray) -> Grid:
         """Inverse of :meth:`index_to_world_ras`: the grid of a Slicer volume of array ``shape``."""
-        ijk_to_lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(ijk_to_ras, dtype=float)
-        columns = ijk_to_lps[:3, :3]
-        spacing = np.linalg.norm(columns, axis=0)
-        return Grid.create(shape, spacing, ijk_to_lps[:3, 3], columns / spacing)
+        lps_to_ras = np.eye(4)
+        lps_to_ras[:3, :3] = LPS_TO_RAS
+        return Grid.from_index_to_world_lps(shape, lps_to_ras @ np.asarray(ijk_to_ras, dtype=float))
 
     # ----------------------------------------------------------------------------- points
     def world_points(self, dtype=torch.float32, device=None, k_range: tuple[int, int] | None = None
@@ -165,16 +175,26 @@ class Grid:
 
     def same_voxels_as(self, other: Grid, tolerance_mm: float = _GEOMETRY_TOLERANCE_MM) -> bool:
         """True when ``other`` holds exactly this grid's voxel centres, perhaps with axes flipped or
-        permuted (so nearest-neighbour resampling between them is exact)."""
-        if sorted(self.shape) != sorted(other.shape):
+        permuted (so nearest-neighbour resampling between them is exact).
+
+        ``other``'s index steps must map to signed unit steps of this grid's index and its corner
+        voxels onto integer voxel indices of this grid, with matching voxel counts per axis.
+        """
+        other_to_mine = self.world_to_index() @ other.index_to_world()
+        steps = other_to_mine[:3, :3]
+        permutation = np.round(steps)
+        index_tolerance = tolerance_mm / min(self.spacing)
+        if np.abs(steps - permutation).max() > index_tolerance:
             return False
-        mine = np.sort(self.corners_world().round(3), axis=0)
-        theirs = np.sort(other.corners_world().round(3), axis=0)
-        if np.abs(mine - theirs).max() > tolerance_mm:
+        if not np.array_equal(np.abs(permutation) @ np.ones(3), np.ones(3)) or abs(abs(np.linalg.det(permutation)) - 1) > 0.5:
             return False
-        step_mine = np.sort(np.abs(self.direction_matrix @ np.diag(self.spacing)).max(axis=0))
-        step_theirs = np.sort(np.abs(other.direction_matrix @ np.diag(other.spacing)).max(axis=0))
-        return bool(np.abs(step_mine - step_theirs).max() <= tolerance_mm)
+        counts_mapped = np.abs(permutation) @ np.array(other.size_ijk)
+        if not np.array_equal(counts_mapped, np.array(self.size_ijk)):
+            return False
+        corners = other.corners_world()
+        index = corners @ self.world_to_index()[:3, :3].T + self.world_to_index()[:3, 3]
+        inside = (index > -index_tolerance).all() and (index < np.array(self.size_ijk) - 1 + index_tolerance).all()
+        return bool(inside and np.abs(index - np.round(index)).max() <= index_tolerance)
 
     def with_spacing(self, spacing: float) -> Grid:
         """An LPS-axis-aligned isotropic grid of voxel size ``spacing`` mm covering this grid.

@@ -62,7 +62,7 @@ def resample_labels(labels: Image, target: Grid, transform: SpatialTransform | N
     if method != "onehot":
         raise ValueError(f"resample_labels(): 'method' must be 'nearest' or 'onehot', got {method!r}")
     device = labels.data.device
-    values = torch.unique(labels.data)
+    values = torch.unique(torch.cat([labels.data.reshape(-1), labels.data.new_zeros(1)]))
     best_label = torch.zeros(target.shape, dtype=torch.int64, device=device)
     with torch.no_grad():
         for k0, k1 in chunk_ranges(target):

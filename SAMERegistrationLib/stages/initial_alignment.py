@@ -2,9 +2,10 @@
 
 Scans of different patients or scanners often do not overlap in physical space at all (origins
 hundreds of mm apart) and may cover different lengths of the body (a 4 cm slab against a torso).
-This stage first moves the moving body centroid onto the fixed one, then tries translations on a
-coarse grid: every superior-inferior offset at which the scans still overlap, and a few
-in-plane offsets, scoring each by masked local NCC and keeping the best well-overlapping one.
+This stage first moves the moving body centroid onto the fixed one, then scores translations by
+masked local NCC on a coarse grid: every superior-inferior offset at which the scans still
+overlap, and around the best of those a few in-plane offsets. The best well-overlapping
+candidate wins.
 """
 
 from __future__ import annotations
@@ -50,31 +51,47 @@ class InitialAlignment(Stage):
         fixed = level.fixed.data[None, None]
         total_weight = level.fixed_weight.sum()
         window = problem.options.lncc_window(self.spacing)
-        candidates = []
+
+        def score(shift: np.ndarray) -> tuple[float, float, np.ndarray] | None:
+            offset = torch.as_tensor(shift, dtype=points.dtype, device=points.device)
+            values, valid = level.sample_moving(points + offset)
+            weight = level.fixed_weight * valid
+            overlap = float(weight.sum() / total_weight)
+            if overlap == 0.0:
+                return None
+            return overlap, float(local_ncc(fixed, values[None, None], window, weight[None, None])), shift
+
         with torch.no_grad():
+            along_z = []
             for n, dz in enumerate(z_offsets):
-                progress.update(n / len(z_offsets), f"searching offset {dz:+.0f} mm along S")
-                for dx in xy_offsets:
-                    for dy in xy_offsets:
-                        shift = centroid_shift + np.array([dx, dy, dz])
-                        values, valid = level.sample_moving(points + torch.as_tensor(shift, dtype=points.dtype, device=points.device))
-                        weight = level.fixed_weight * valid
-                        overlap = float(weight.sum() / total_weight)
-                        if overlap == 0.0:
-                            continue
-                        loss = float(local_ncc(fixed, values[None, None], window, weight[None, None]))
-                        candidates.append((overlap, loss, shift))
+                progress.update(0.7 * n / len(z_offsets), f"searching offset {dz:+.0f} mm along S")
+                along_z.append(score(centroid_shift + np.array([0.0, 0.0, dz])))
+            candidates = [c for c in along_z if c is not None]
+            if candidates:
+                best_z = _best(candidates, self.min_relative_overlap)[2]
+                local = [best_z + np.array([dx, dy, dz]) for dz in (-self.spacing / 2, 0.0, self.spacing / 2)
+                         for dx in xy_offsets for dy in xy_offsets]
+                for n, shift in enumerate(local):
+                    progress.update(0.7 + 0.3 * n / len(local), "refining in-plane offset")
+                    candidates.append(score(shift))
+                candidates = [c for c in candidates if c is not None]
         if not candidates:
             progress.record("note", "no overlapping position found; centroids aligned")
             return SpatialTransform.from_affine(_translation(centroid_shift))
-        best_overlap = max(c[0] for c in candidates)
-        eligible = [c for c in candidates if c[0] >= self.min_relative_overlap * best_overlap]
-        overlap, loss, shift = min(eligible, key=lambda c: c[1])
+        overlap, loss, shift = _best(candidates, self.min_relative_overlap)
         progress.record("translation_mm", [round(float(v), 2) for v in shift])
         progress.record("overlap_fraction", round(overlap, 3))
         progress.record("lncc_loss", round(loss, 4))
         progress.record("candidates", len(candidates))
         return SpatialTransform.from_affine(_translation(shift))
+
+
+def _best(candidates: list[tuple[float, float, np.ndarray]], min_relative_overlap: float
+          ) -> tuple[float, float, np.ndarray]:
+    """The lowest-loss (overlap, loss, shift) among those overlapping enough."""
+    best_overlap = max(c[0] for c in candidates)
+    eligible = [c for c in candidates if c[0] >= min_relative_overlap * best_overlap]
+    return min(eligible, key=lambda c: c[1])
 
 
 def _centroid(mask: Image) -> np.ndarray:

@@ -1,0 +1,117 @@
+"""``same-register``: register a moving image to a fixed image from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+from .errors import InputError, RegistrationCancelled
+from .modes import DEFAULT_MODE, MODE_NAMES
+from .pipeline.problem import RegistrationOptions
+from .pipeline.progress import ProgressEvent
+from .registration import RegistrationRequest, register_files
+
+EXIT_BAD_INPUT = 2
+EXIT_CANCELLED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="same-register",
+        description="Register a MOVING 3-D image (CT first) to a FIXED one. Writes transform.h5 (fixed -> moving, "
+                    "ITK/Slicer readable), affine.tfm, displacement.nii.gz, warped.nii.gz, jacobian.nii.gz, "
+                    "warped_labels.nii.gz (with --moving-labels), summary.json and overview.png into OUTDIR.")
+    parser.add_argument("fixed", help="fixed image: NIfTI, NRRD, MHA or a DICOM series folder")
+    parser.add_argument("moving", help="moving image: NIfTI, NRRD, MHA or a DICOM series folder")
+    parser.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created if needed)")
+    parser.add_argument("--mode", default=DEFAULT_MODE, choices=MODE_NAMES, help=f"registration mode (default {DEFAULT_MODE})")
+    parser.add_argument("--moving-labels", metavar="FILE", help="label map on the moving image's grid, warped to the fixed grid")
+    parser.add_argument("--fixed-labels", metavar="FILE", help="label map on the fixed grid; with --moving-labels gives Dice per label")
+    parser.add_argument("--fixed-mask", metavar="FILE", help="binary mask on the fixed grid restricting the similarity (default: body mask)")
+    parser.add_argument("--initial-transform", metavar="FILE", help="ITK transform file (fixed -> moving) to start from; skips the initial alignment")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    parser.add_argument("--spacing", type=float, default=RegistrationOptions.spacing, metavar="MM",
+                        help=f"finest working voxel size in mm (default {RegistrationOptions.spacing:g})")
+    parser.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: PyTorch's choice)")
+    parser.add_argument("--label-interpolation", choices=("nearest", "onehot"), default="nearest",
+                        help="nearest (standard, default) or onehot (smoother boundaries, slower)")
+    parser.add_argument("--no-overview", action="store_true", help="do not render overview.png")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    request = RegistrationRequest(
+        fixed=args.fixed, moving=args.moving, output_dir=args.output, mode=args.mode,
+        moving_labels=args.moving_labels, fixed_labels=args.fixed_labels, fixed_mask=args.fixed_mask,
+        initial_transform=args.initial_transform, device=args.device, label_method=args.label_interpolation,
+        overview=not args.no_overview, options=RegistrationOptions(spacing=args.spacing, threads=args.threads))
+    bars = None if args.quiet else _ProgressBars()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = _show_warning
+        try:
+            summary = register_files(request, on_progress=bars, cancel=threading.Event())
+        except InputError as error:
+            print(f"same-register: error: {error}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except (RegistrationCancelled, KeyboardInterrupt):
+            print("same-register: cancelled; no output written", file=sys.stderr)
+            return EXIT_CANCELLED
+        finally:
+            if bars is not None:
+                bars.close()
+    _print_summary(summary, Path(args.output))
+    return 0
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"same-register: warning: {message}", file=sys.stderr)
+
+
+def _print_summary(summary: dict, outdir: Path) -> None:
+    jac = summary["jacobian"]
+    print(f"Registered in {summary['registration_seconds']:.1f} s on {summary['device']} "
+          f"({summary['threads']} threads).")
+    for stage in summary["stages"]:
+        print(f"  {stage['name']:<22} {stage['seconds']:7.1f} s  peak {stage['peak_host_memory_mib']:7.0f} MiB")
+    print(f"Jacobian in the body: {jac['percent_nonpositive']:.4f}% J<=0, std(J) {jac['std_jacobian']:.4f}, "
+          f"std(log J) {jac['std_log_jacobian']:.4f}")
+    if "dice" in summary:
+        dice = summary["dice"]
+        print(f"Mean Dice over {dice['labels_compared']} labels: {dice['mean_before_registration']:.3f} before, "
+              f"{dice['mean']:.3f} after")
+    print(f"Outputs in {outdir}")
+
+
+class _ProgressBars:
+    """One tqdm bar per stage on stderr, fed by ProgressEvents."""
+
+    def __init__(self) -> None:
+        from tqdm import tqdm
+
+        self._tqdm = tqdm
+        self._bar = None
+        self._stage = None
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if event.stage != self._stage:
+            self.close()
+            self._stage = event.stage
+            self._bar = self._tqdm(total=100, desc=f"[{event.stage_index + 1}/{event.stage_count}] {event.stage}",
+                                   bar_format="{desc:<32} {bar} {percentage:3.0f}% {elapsed} {postfix}", file=sys.stderr)
+        self._bar.n = round(100 * min(max(event.fraction, 0.0), 1.0))
+        self._bar.set_postfix_str(event.message, refresh=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

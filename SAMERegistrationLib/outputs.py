@@ -1,0 +1,139 @@
+"""Turns a registration result into the output folder: transforms, images, maps and a summary.
+
+File names are a stable contract (CLI, Slicer module, scripts):
+``transform.h5`` (whole result, fixed -> moving, one ITK transform), ``affine.tfm`` (when an affine
+stage ran), ``displacement.nii.gz`` (phi(x) - x on the fixed grid), ``warped.nii.gz``,
+``jacobian.nii.gz``, ``warped_labels.nii.gz`` (with moving labels), ``summary.json`` and
+``overview.png``. Files are written to a hidden temporary folder first and moved into place at the
+end, so a failed or cancelled run never leaves a half-written set.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import SimpleITK as sitk
+import torch
+
+from .export import write_affine, write_displacement_field, write_transform
+from .image import Image
+from .io import write_image
+from .metrics import dice_per_label
+from .spatial.jacobian import jacobian_determinant, jacobian_statistics
+from .spatial.transform import SpatialTransform
+from .spatial.warp import LabelMethod, resample_image, resample_labels
+
+TRANSFORM_FILE = "transform.h5"
+AFFINE_FILE = "affine.tfm"
+DISPLACEMENT_FILE = "displacement.nii.gz"
+WARPED_FILE = "warped.nii.gz"
+JACOBIAN_FILE = "jacobian.nii.gz"
+WARPED_LABELS_FILE = "warped_labels.nii.gz"
+SUMMARY_FILE = "summary.json"
+OVERVIEW_FILE = "overview.png"
+
+_AIR_HU = -1024.0
+
+
+@dataclass(frozen=True)
+class ResultImages:
+    """Everything derived from the transform on the fixed grid.
+
+    Attributes:
+        warped: moving image resampled through the result onto the fixed grid (linear).
+        displacement: ``(3, D, H, W)`` LPS mm, phi(x) - x on the fixed grid.
+        jacobian: ``(D, H, W)`` det of d phi / d x on the fixed grid.
+        warped_labels: moving labels on the fixed grid, or None.
+    """
+
+    warped: Image
+    displacement: torch.Tensor
+    jacobian: torch.Tensor
+    warped_labels: Image | None
+
+
+def compute_result_images(fixed: Image, moving: Image, transform: SpatialTransform,
+                          moving_labels: Image | None = None, label_method: LabelMethod = "nearest"
+                          ) -> ResultImages:
+    """Warps the moving image (and labels) and computes the displacement and Jacobian maps (CPU)."""
+    transform = transform.to("cpu")
+    fill = min(_AIR_HU, float(moving.data.min()))
+    warped = resample_image(moving, fixed.grid, transform, fill=fill)
+    displacement = transform.displacement_on(fixed.grid)
+    jacobian = jacobian_determinant(displacement, fixed.grid)
+    labels = None if moving_labels is None else resample_labels(moving_labels, fixed.grid, transform, label_method)
+    return ResultImages(warped, displacement, jacobian, labels)
+
+
+def label_summary(fixed_labels: Image, warped_labels: Image, unregistered_labels: Image) -> dict:
+    """Dice per label (label values present in both maps), their mean, and the mean before registration."""
+    per_label = dice_per_label(fixed_labels.data, warped_labels.data)
+    before = dice_per_label(fixed_labels.data, unregistered_labels.data)
+    mean = sum(per_label.values()) / len(per_label) if per_label else float("nan")
+    return {
+        "per_label": {str(k): round(v, 4) for k, v in per_label.items()},
+        "mean": round(mean, 4),
+        "labels_compared": len(per_label),
+        "mean_before_registration": round(sum(before.values()) / len(before), 4) if before else 0.0,
+    }
+
+
+def jacobian_summary(jacobian: torch.Tensor, region: Image) -> dict:
+    """%J<=0, std(J), std(log J) (plain, J>0 only) inside ``region`` (a binary image on the same grid)."""
+    stats = jacobian_statistics(jacobian, region.data > 0).as_dict()
+    return {"region": "fixed body mask", **{k: round(v, 6) if isinstance(v, float) else v for k, v in stats.items()}}
+
+
+def write_output_folder(outdir: Path, fixed: Image, moving: Image, transform: SpatialTransform,
+                        images: ResultImages, summary: dict, has_affine_stage: bool,
+                        fixed_labels: Image | None = None, overview: bool = True) -> dict[str, str]:
+    """Writes every output file into ``outdir`` (created by the caller) and returns {kind: path}.
+
+    ``summary`` is written as ``summary.json`` after the ``files`` entry is added to it.
+    """
+    outdir = Path(outdir)
+    staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=outdir))
+    try:
+        transform = transform.to("cpu")
+        files = {"transform": TRANSFORM_FILE, "displacement": DISPLACEMENT_FILE, "warped": WARPED_FILE,
+                 "jacobian": JACOBIAN_FILE, "summary": SUMMARY_FILE}
+        write_transform(transform, staging / TRANSFORM_FILE)
+        if has_affine_stage:
+            write_affine(transform.affine, staging / AFFINE_FILE)
+            files["affine"] = AFFINE_FILE
+        write_displacement_field(images.displacement, fixed.grid, staging / DISPLACEMENT_FILE)
+        write_image(images.warped, staging / WARPED_FILE, sitk.sitkFloat32)
+        write_image(Image(images.jacobian, fixed.grid), staging / JACOBIAN_FILE, sitk.sitkFloat32)
+        if images.warped_labels is not None:
+            pixel = sitk.sitkUInt8 if int(images.warped_labels.data.max()) < 256 else sitk.sitkUInt16
+            write_image(images.warped_labels, staging / WARPED_LABELS_FILE, pixel)
+            files["warped_labels"] = WARPED_LABELS_FILE
+        if overview:
+            from .overview import render_overview
+
+            render_overview(staging / OVERVIEW_FILE, fixed, moving, images.warped, images.displacement,
+                            images.jacobian, title=_overview_title(summary),
+                            fixed_labels=fixed_labels, warped_labels=images.warped_labels)
+            files["overview"] = OVERVIEW_FILE
+        summary["files"] = dict(files)
+        (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        for name in files.values():
+            (staging / name).replace(outdir / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {kind: str(outdir / name) for kind, name in files.items()}
+
+
+def _overview_title(summary: dict) -> str:
+    parts = [f"mode {summary.get('mode', '?')}", f"{summary.get('registration_seconds', 0):.1f} s"]
+    jac = summary.get("jacobian", {})
+    if jac:
+        parts.append(f"J<=0 {jac['percent_nonpositive']:.3f}%  std(J) {jac['std_jacobian']:.3f}")
+    dice = summary.get("dice")
+    if dice:
+        parts.append(f"mean Dice {dice['mean_before_registration']:.3f} -> {dice['mean']:.3f} ({dice['labels_compared']} labels)")
+    return "   |   ".join(parts)

@@ -1,0 +1,141 @@
+"""Registering two image files into an output folder: the one entry point of the CLI and Slicer.
+
+:func:`register_files` reads and checks every input (raising :class:`InputError` before any work),
+runs the mode's pipeline with progress and cancellation, and writes the output folder.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import SimpleITK as sitk
+import torch
+
+from .errors import InputError, RegistrationCancelled
+from .export import read_initial_transform
+from .image import Image
+from .io import check_output_directory, read_image, read_labels, read_mask
+from .modes import DEFAULT_MODE, build_pipeline
+from .outputs import compute_result_images, jacobian_summary, label_summary, write_output_folder
+from .pipeline.problem import RegistrationOptions, RegistrationProblem, resolve_device
+from .pipeline.progress import ProgressCallback
+from .spatial.warp import LabelMethod, resample_image, resample_labels
+
+_BYTES_PER_WORKING_VOXEL = 400
+"""Measured upper bound of the deformable stage's memory per working-grid voxel (fp32, with
+autograd and Adam state), with headroom."""
+_BYTES_PER_FIXED_VOXEL = 80
+"""Outputs on the fixed grid: points, displacement, Jacobian, warped image and labels."""
+
+
+@dataclass(frozen=True)
+class RegistrationRequest:
+    """What a user asks for. Paths are files (or a DICOM folder for images); optional ones may be None."""
+
+    fixed: str | os.PathLike
+    moving: str | os.PathLike
+    output_dir: str | os.PathLike
+    mode: str = DEFAULT_MODE
+    moving_labels: str | os.PathLike | None = None
+    fixed_labels: str | os.PathLike | None = None
+    fixed_mask: str | os.PathLike | None = None
+    initial_transform: str | os.PathLike | None = None
+    device: str = "auto"
+    label_method: LabelMethod = "nearest"
+    overview: bool = True
+    options: RegistrationOptions = field(default_factory=RegistrationOptions)
+
+
+def register_files(request: RegistrationRequest, on_progress: ProgressCallback | None = None,
+                   cancel: threading.Event | None = None) -> dict:
+    """Runs one registration and returns the summary (also written to ``summary.json``).
+
+    Raises:
+        InputError: a bad input, option or output folder (nothing is written).
+        RegistrationCancelled: ``cancel`` was set (no output file is written).
+    """
+    started = time.perf_counter()
+    options = request.options
+    _check_options(options)
+    device = resolve_device(request.device)
+    pipeline = build_pipeline(request.mode, has_initial_transform=request.initial_transform is not None)
+    fixed = read_image(request.fixed, "fixed image")
+    moving = read_image(request.moving, "moving image")
+    moving_labels = None if request.moving_labels is None else read_labels(request.moving_labels, moving, "moving labels")
+    fixed_labels = None if request.fixed_labels is None else read_labels(request.fixed_labels, fixed, "fixed labels")
+    fixed_mask = None if request.fixed_mask is None else read_mask(request.fixed_mask, fixed, "fixed mask")
+    initial = None
+    if request.initial_transform is not None:
+        initial = read_initial_transform(request.initial_transform, fixed.grid.with_spacing(options.spacing))
+    check_memory(fixed, moving, options.spacing, device)
+    outdir = check_output_directory(request.output_dir)
+
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(options.threads)
+    problem = RegistrationProblem(fixed, moving, fixed_mask, options, device)
+    result = pipeline.run(problem, initial, on_progress, cancel)
+    registration_seconds = time.perf_counter() - started
+
+    images = compute_result_images(fixed, moving, result.transform, moving_labels, request.label_method)
+    body = resample_image(problem.fixed_body_mask(), fixed.grid, interpolation="nearest")
+    summary = {
+        "mode": request.mode,
+        "fixed": str(request.fixed),
+        "moving": str(request.moving),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "working_spacing_mm": options.spacing,
+        "fixed_grid": fixed.grid.describe(),
+        "moving_grid": moving.grid.describe(),
+        "stages": [{"name": r.name, "seconds": round(r.seconds, 3), "peak_host_memory_mib": round(r.host_peak_mib, 1),
+                    "peak_cuda_memory_mib": None if r.cuda_peak_mib is None else round(r.cuda_peak_mib, 1),
+                    "details": r.details} for r in result.stages],
+        "registration_seconds": round(registration_seconds, 3),
+        "affine_lps": [[round(v, 6) for v in row] for row in result.transform.affine.tolist()],
+        "jacobian": jacobian_summary(images.jacobian, body),
+        "conventions": "LPS mm; transforms map fixed points to moving points (ITK resampling direction)",
+    }
+    if fixed_labels is not None and images.warped_labels is not None:
+        unregistered = resample_labels(moving_labels, fixed.grid, None, request.label_method)
+        summary["dice"] = label_summary(fixed_labels, images.warped_labels, unregistered)
+    if cancel is not None and cancel.is_set():
+        raise RegistrationCancelled("registration cancelled before writing outputs")
+    summary["files"] = write_output_folder(outdir, fixed, moving, result.transform, images, summary,
+                                           has_affine_stage=any("affine" in r.name for r in result.stages),
+                                           fixed_labels=fixed_labels, overview=request.overview)
+    return summary
+
+
+def check_memory(fixed: Image, moving: Image, spacing: float, device: torch.device) -> None:
+    """Raises InputError when the run would need more memory than is available.
+
+    The estimate covers the working grids at ``spacing`` (deformable optimisation) and the outputs
+    on the fixed grid; it is deliberately generous.
+    """
+    working_voxels = fixed.grid.with_spacing(spacing).num_voxels + moving.grid.with_spacing(spacing).num_voxels
+    output_bytes = fixed.grid.num_voxels * _BYTES_PER_FIXED_VOXEL
+    working_bytes = working_voxels * _BYTES_PER_WORKING_VOXEL
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if working_bytes > free:
+            raise InputError(f"--device cuda: the registration needs about {working_bytes / 2**30:.1f} GiB of GPU "
+                             f"memory but {free / 2**30:.1f} GiB is free: use --device cpu or a larger --spacing")
+        working_bytes = 0
+    needed = working_bytes + output_bytes
+    available = psutil.virtual_memory().available
+    if needed > available:
+        raise InputError(f"--spacing {spacing:g}: the registration needs about {needed / 2**30:.1f} GiB of memory but "
+                         f"{available / 2**30:.1f} GiB is available: use a larger --spacing or crop the images")
+
+
+def _check_options(options: RegistrationOptions) -> None:
+    if not 0.25 <= options.spacing <= 16.0:
+        raise InputError(f"--spacing {options.spacing:g}: the working spacing must be between 0.25 and 16 mm")
+    if options.threads is not None and options.threads < 1:
+        raise InputError(f"--threads {options.threads}: must be at least 1")
