@@ -48,8 +48,8 @@ def make_synthetic_pair(fixed: Image, rotation_deg=(0.0, 0.0, 5.0), scale=(1.05,
                         control_points: int = 4, seed: int = 0, fill: float = -1024.0) -> SyntheticPair:
     """Applies a known affine and a smooth random deformation to ``fixed``.
 
-    The moving grid is the fixed grid carried by the inverse affine (so it is oblique and displaced
-    in physical space, like a scan from another session), and ``v`` is a random field with
+    The moving grid is the fixed grid carried by the inverse of the affine's rigid part (so it is
+    oblique and displaced in physical space, like a scan from another session), and ``v`` is a random field with
     ``control_points``^3 values, smoothly upsampled and scaled so its largest vector is
     ``field_amplitude_mm``.
 
@@ -62,8 +62,10 @@ def make_synthetic_pair(fixed: Image, rotation_deg=(0.0, 0.0, 5.0), scale=(1.05,
     affine = np.eye(4)
     affine[:3, :3] = linear
     affine[:3, 3] = centre + np.asarray(translation_mm) - linear @ centre
-    inverse = np.linalg.inv(affine)
-    index_to_moving = inverse @ fixed.grid.index_to_world()
+    rigid = np.eye(4)
+    rigid[:3, :3] = rotation_matrix(rotation_deg)
+    rigid[:3, 3] = centre + np.asarray(translation_mm) - rigid[:3, :3] @ centre
+    index_to_moving = np.linalg.inv(rigid) @ fixed.grid.index_to_world()
     moving_grid = Grid.from_index_to_world_lps(fixed.grid.shape, index_to_moving)
     generator = torch.Generator().manual_seed(seed)
     coarse = torch.randn((1, 3, control_points, control_points, control_points), generator=generator)
