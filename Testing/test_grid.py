@@ -5,6 +5,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from SAMERegistrationLib.image import Image
 from SAMERegistrationLib.spatial.grid import Grid, isotropic_levels
 
 
@@ -29,11 +30,7 @@ def make_grid(direction_name: str, shape=SHAPE, spacing=SPACING, origin=ORIGIN) 
 
 
 def sitk_image_of(grid: Grid) -> sitk.Image:
-    image = sitk.Image(grid.size_ijk, sitk.sitkFloat32)
-    image.SetSpacing(grid.spacing)
-    image.SetOrigin(grid.origin)
-    image.SetDirection(tuple(grid.direction_matrix.ravel()))
-    return image
+    return Image(torch.zeros(grid.shape), grid).to_sitk()
 
 
 def grid_of(image: sitk.Image) -> Grid:

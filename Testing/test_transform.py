@@ -254,3 +254,20 @@ def test_sample_at_points_gradcheck_in_points_and_volume():
     # the gradient in the points is not trivially zero
     sample(volume, points).sum().backward()
     assert points.grad.abs().max() > 1e-3
+
+
+def test_affine_inverse_maps_back_exactly():
+    rng = np.random.default_rng(3)
+    matrix = np.eye(4)
+    matrix[:3, :3] = np.eye(3) + 0.1 * rng.normal(size=(3, 3))
+    matrix[:3, 3] = rng.normal(size=3) * 50.0
+    forward = SpatialTransform.from_affine(matrix)
+    points = torch.as_tensor(rng.normal(size=(50, 3)) * 100.0, dtype=torch.float64)
+    back = forward.inverse().map_points(forward.map_points(points))
+    assert torch.allclose(back, points, atol=1e-9)
+
+
+def test_inverse_of_a_transform_with_a_field_is_refused():
+    grid = Grid.create((4, 4, 4), (1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="affine-only"):
+        SpatialTransform(np.eye(4), torch.zeros(3, 4, 4, 4), grid).inverse()

@@ -30,11 +30,7 @@ def random_image(grid: Grid, seed: int = 0) -> Image:
 
 
 def reference_image(grid: Grid) -> sitk.Image:
-    image = sitk.Image(grid.size_ijk, sitk.sitkFloat32)
-    image.SetSpacing(grid.spacing)
-    image.SetOrigin(grid.origin)
-    image.SetDirection(tuple(grid.direction_matrix.ravel()))
-    return image
+    return Image(torch.zeros(grid.shape), grid).to_sitk()
 
 
 def sitk_resample(image: Image, target: Grid, transform: sitk.Transform, interpolator=sitk.sitkLinear) -> np.ndarray:

@@ -62,6 +62,17 @@ class SpatialTransform:
     def has_field(self) -> bool:
         return self.field is not None
 
+    def inverse(self) -> SpatialTransform:
+        """The moving -> fixed transform of an affine-only result (exact matrix inverse).
+
+        Raises:
+            ValueError: the transform has a displacement field (dense fields are inverted by the
+                modes that produce invertible transforms, e.g. TVF).
+        """
+        if self.field is not None:
+            raise ValueError("SpatialTransform.inverse(): only affine-only transforms have an exact inverse here")
+        return SpatialTransform(np.linalg.inv(self.affine))
+
     def with_affine(self, matrix: np.ndarray) -> SpatialTransform:
         """The same field with another affine."""
         return SpatialTransform(np.asarray(matrix, dtype=float).copy(), self.field, self.field_grid)
