@@ -7,6 +7,7 @@ geometry exactly (LPS mm, see :mod:`SAMERegistrationLib.spatial.grid`); user fil
 
 from __future__ import annotations
 
+import gzip
 import os
 import tempfile
 import warnings
@@ -41,6 +42,7 @@ def read_image(path: str | os.PathLike, role: str = "fixed image") -> Image:
     """
     image = Image.from_sitk(_read_volume(path, role), dtype=torch.float32)
     _check_intensities(image.data, path, role)
+    _check_nifti_finite(Path(path), role)
     return image
 
 
@@ -195,6 +197,44 @@ def _check_intensities(data: torch.Tensor, path: str | os.PathLike, role: str) -
         raise InputError(f"{role} {path}: is empty (all voxels are 0): check that the right file was given")
     if low == high:
         raise InputError(f"{role} {path}: is constant (every voxel is {low:g}): an image with contrast is needed")
+
+
+_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
+
+
+def _check_nifti_finite(path: Path, role: str) -> None:
+    """NaN/Inf check on the raw voxels of a floating-point NIfTI file.
+
+    ITK 5.4 (SimpleITK 2.5) replaces NaN and Inf by 0 when it reads NIfTI, so the check on the
+    loaded image cannot see them; this one reads the stored values.
+    """
+    if not path.is_file() or not path.name.lower().endswith((".nii", ".nii.gz")):
+        return
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as stream:
+        content = stream.read()
+    for order in ("<", ">"):
+        size = int(np.frombuffer(content[:4], dtype=f"{order}i4")[0])
+        if size == 348:
+            datatype = int(np.frombuffer(content[70:72], dtype=f"{order}i2")[0])
+            offset = int(np.frombuffer(content[108:112], dtype=f"{order}f4")[0])
+            break
+        if size == 540:
+            datatype = int(np.frombuffer(content[12:14], dtype=f"{order}i2")[0])
+            offset = int(np.frombuffer(content[168:176], dtype=f"{order}i8")[0])
+            break
+    else:
+        return
+    if datatype not in _NIFTI_FLOAT_TYPES:
+        return
+    dtype = np.dtype(f"{order}{_NIFTI_FLOAT_TYPES[datatype]}")
+    count = (len(content) - offset) // dtype.itemsize
+    values = np.frombuffer(content, dtype=dtype, count=count, offset=offset)
+    bad = int((~np.isfinite(values)).sum())
+    if bad:
+        kind = "NaN" if bool(np.isnan(values).any()) else "Inf"
+        raise InputError(f"{role} {path}: contains {kind} values (in {bad} of {values.size} voxels): "
+                         "replace them with finite numbers")
 
 
 # --------------------------------------------------------------------------------------- labels

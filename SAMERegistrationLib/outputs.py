@@ -22,7 +22,7 @@ import torch
 from .export import write_affine, write_displacement_field, write_transform
 from .image import Image
 from .io import write_image
-from .metrics import dice_per_label
+from .metrics import dice_per_label, shared_labels
 from .spatial.jacobian import jacobian_determinant, jacobian_statistics
 from .spatial.transform import SpatialTransform
 from .spatial.warp import LabelMethod, resample_image, resample_labels
@@ -69,16 +69,17 @@ def compute_result_images(fixed: Image, moving: Image, transform: SpatialTransfo
     return ResultImages(warped, displacement, jacobian, labels)
 
 
-def label_summary(fixed_labels: Image, warped_labels: Image, unregistered_labels: Image) -> dict:
-    """Dice per label (label values present in both maps), their mean, and the mean before registration."""
-    per_label = dice_per_label(fixed_labels.data, warped_labels.data)
-    before = dice_per_label(fixed_labels.data, unregistered_labels.data)
-    mean = sum(per_label.values()) / len(per_label) if per_label else float("nan")
+def label_summary(fixed_labels: Image, moving_labels: Image, warped_labels: Image, unregistered_labels: Image) -> dict:
+    """Dice per label over the labels present in both the fixed and the moving maps (0 for a label
+    the warp lost), their mean, and the mean before registration (plain physical-space resampling)."""
+    labels = shared_labels(fixed_labels.data, moving_labels.data)
+    per_label = dice_per_label(fixed_labels.data, warped_labels.data, labels)
+    before = dice_per_label(fixed_labels.data, unregistered_labels.data, labels)
     return {
         "per_label": {str(k): round(v, 4) for k, v in per_label.items()},
-        "mean": round(mean, 4),
+        "mean": round(sum(per_label.values()) / len(per_label), 4) if per_label else float("nan"),
         "labels_compared": len(per_label),
-        "mean_before_registration": round(sum(before.values()) / len(before), 4) if before else 0.0,
+        "mean_before_registration": round(sum(before.values()) / len(before), 4) if before else float("nan"),
     }
 
 

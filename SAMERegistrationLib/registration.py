@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,11 +25,13 @@ from .modes import DEFAULT_MODE, build_pipeline
 from .outputs import compute_result_images, jacobian_summary, label_summary, write_output_folder
 from .pipeline.problem import RegistrationOptions, RegistrationProblem, resolve_device
 from .pipeline.progress import ProgressCallback
+from .pipeline.runner import RegistrationPipeline
+from .spatial.transform import SpatialTransform
 from .spatial.warp import LabelMethod, resample_image, resample_labels
 
 _BYTES_PER_WORKING_VOXEL = 400
-"""Measured upper bound of the deformable stage's memory per working-grid voxel (fp32, with
-autograd and Adam state), with headroom."""
+"""Generous bound of the stages' memory per working-grid voxel (fp32, autograd, Adam state); the
+benchmark's peaks (README) stay below it."""
 _BYTES_PER_FIXED_VOXEL = 80
 """Outputs on the fixed grid: points, displacement, Jacobian, warped image and labels."""
 
@@ -60,29 +63,74 @@ def register_files(request: RegistrationRequest, on_progress: ProgressCallback |
         RegistrationCancelled: ``cancel`` was set (no output file is written).
     """
     started = time.perf_counter()
-    options = request.options
-    _check_options(options)
+    _check_options(request.options)
     device = resolve_device(request.device)
     pipeline = build_pipeline(request.mode, has_initial_transform=request.initial_transform is not None)
+    inputs = load_inputs(request)
+    check_memory(inputs.fixed, inputs.moving, request.options.spacing, device)
+    outdir = check_output_directory(request.output_dir)
+    with _thread_count(request.options.threads):
+        return _register(request, inputs, pipeline, device, outdir, started, on_progress, cancel)
+
+
+@dataclass(frozen=True)
+class LoadedInputs:
+    """Every input of a request, read and checked (optional ones None)."""
+
+    fixed: Image
+    moving: Image
+    moving_labels: Image | None
+    fixed_labels: Image | None
+    fixed_mask: Image | None
+    initial: SpatialTransform | None
+
+
+def load_inputs(request: RegistrationRequest) -> LoadedInputs:
+    """Reads and checks every file of ``request``; raises InputError naming the first bad one."""
     fixed = read_image(request.fixed, "fixed image")
     moving = read_image(request.moving, "moving image")
-    moving_labels = None if request.moving_labels is None else read_labels(request.moving_labels, moving, "moving labels")
-    fixed_labels = None if request.fixed_labels is None else read_labels(request.fixed_labels, fixed, "fixed labels")
-    fixed_mask = None if request.fixed_mask is None else read_mask(request.fixed_mask, fixed, "fixed mask")
     initial = None
     if request.initial_transform is not None:
-        initial = read_initial_transform(request.initial_transform, fixed.grid.with_spacing(options.spacing))
-    check_memory(fixed, moving, options.spacing, device)
-    outdir = check_output_directory(request.output_dir)
+        initial = read_initial_transform(request.initial_transform, fixed.grid.with_spacing(request.options.spacing))
+    return LoadedInputs(
+        fixed=fixed,
+        moving=moving,
+        moving_labels=None if request.moving_labels is None else read_labels(request.moving_labels, moving, "moving labels"),
+        fixed_labels=None if request.fixed_labels is None else read_labels(request.fixed_labels, fixed, "fixed labels"),
+        fixed_mask=None if request.fixed_mask is None else read_mask(request.fixed_mask, fixed, "fixed mask"),
+        initial=initial,
+    )
 
-    if options.threads is not None:
-        torch.set_num_threads(options.threads)
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(options.threads)
-    problem = RegistrationProblem(fixed, moving, fixed_mask, options, device)
-    result = pipeline.run(problem, initial, on_progress, cancel)
+
+@contextmanager
+def _thread_count(threads: int | None):
+    """Sets PyTorch's and SimpleITK's thread counts for the block and restores them afterwards
+    (the process may be Slicer, whose settings must not change)."""
+    if threads is None:
+        yield
+        return
+    torch_threads = torch.get_num_threads()
+    itk_threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    torch.set_num_threads(threads)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(torch_threads)
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(itk_threads)
+
+
+def _register(request: RegistrationRequest, inputs: LoadedInputs, pipeline: RegistrationPipeline,
+              device: torch.device, outdir: Path, started: float, on_progress: ProgressCallback | None,
+              cancel: threading.Event | None) -> dict:
+    """The registration proper and its outputs, once every input has been read and checked."""
+    options = request.options
+    fixed, moving = inputs.fixed, inputs.moving
+    problem = RegistrationProblem(fixed, moving, inputs.fixed_mask, options, device)
+    result = pipeline.run(problem, inputs.initial, on_progress, cancel)
     registration_seconds = time.perf_counter() - started
 
-    images = compute_result_images(fixed, moving, result.transform, moving_labels, request.label_method)
+    images = compute_result_images(fixed, moving, result.transform, inputs.moving_labels, request.label_method)
     body = resample_image(problem.fixed_body_mask(), fixed.grid, interpolation="nearest")
     summary = {
         "mode": request.mode,
@@ -101,14 +149,14 @@ def register_files(request: RegistrationRequest, on_progress: ProgressCallback |
         "jacobian": jacobian_summary(images.jacobian, body),
         "conventions": "LPS mm; transforms map fixed points to moving points (ITK resampling direction)",
     }
-    if fixed_labels is not None and images.warped_labels is not None:
-        unregistered = resample_labels(moving_labels, fixed.grid, None, request.label_method)
-        summary["dice"] = label_summary(fixed_labels, images.warped_labels, unregistered)
+    if inputs.fixed_labels is not None and images.warped_labels is not None:
+        unregistered = resample_labels(inputs.moving_labels, fixed.grid, None, request.label_method)
+        summary["dice"] = label_summary(inputs.fixed_labels, inputs.moving_labels, images.warped_labels, unregistered)
     if cancel is not None and cancel.is_set():
         raise RegistrationCancelled("registration cancelled before writing outputs")
     summary["files"] = write_output_folder(outdir, fixed, moving, result.transform, images, summary,
                                            has_affine_stage=any("affine" in r.name for r in result.stages),
-                                           fixed_labels=fixed_labels, overview=request.overview)
+                                           fixed_labels=inputs.fixed_labels, overview=request.overview)
     return summary
 
 

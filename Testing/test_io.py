@@ -126,6 +126,10 @@ def bad_image(tmp_path, kind):
     if kind in ("NaN", "Inf"):
         volume[2, 3, 4] = np.nan if kind == "NaN" else np.inf
         return write_array(tmp_path / "bad_values.nrrd", volume), kind
+    if kind in ("NaN in NIfTI", "Inf in NIfTI"):
+        # ITK reads NaN/Inf in NIfTI as 0: the raw-value check must catch them.
+        volume[2, 3, 4] = np.nan if kind.startswith("NaN") else -np.inf
+        return write_array(tmp_path / "bad_values.nii.gz", volume), kind.split()[0]
     if kind == "sheared":
         shear = [[1.0, 0.5, 0.0], [0.0, 0.866, 0.0], [0.0, 0.0, 1.0]]
         return write_array(tmp_path / "sheared.nrrd", volume, direction=shear), "sheared"
@@ -137,7 +141,7 @@ def bad_image(tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", ["missing", "garbage", "empty folder", "2-D", "size-1 axis", "4-D", "vector",
-                                  "too small", "sheared", "NaN", "Inf", "constant",
+                                  "too small", "sheared", "NaN", "Inf", "NaN in NIfTI", "Inf in NIfTI", "constant",
                                   "all zero"])
 def test_bad_images_are_rejected_with_path_and_reason(tmp_path, kind):
     path, key = bad_image(tmp_path, kind)

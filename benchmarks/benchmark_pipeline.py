@@ -22,7 +22,7 @@ import torch
 
 from SAMERegistrationLib.image import Image
 from SAMERegistrationLib.io import read_image, read_labels
-from SAMERegistrationLib.metrics import dice_per_label
+from SAMERegistrationLib.metrics import dice_per_label, shared_labels
 from SAMERegistrationLib.modes import build_pipeline
 from SAMERegistrationLib.outputs import compute_result_images
 from SAMERegistrationLib.pipeline.memory import PeakMemory
@@ -50,9 +50,11 @@ def sample_pair() -> tuple[Image, Image, Evaluate]:
     moving_labels = read_labels(SAMPLES / "patientA_abdomen_labels.nii.gz", moving, "moving labels")
 
     def evaluate(transform: SpatialTransform) -> dict[str, float]:
-        dice = dice_per_label(fixed_labels.data, resample_labels(moving_labels, fixed.grid, transform).data)
-        large = [dice[label] for label in LARGE_ORGANS if label in dice]
-        return {"mean Dice": float(np.mean(list(dice.values()))), "large-organ Dice": float(np.mean(large))}
+        warped = resample_labels(moving_labels, fixed.grid, transform).data
+        scores = dice_per_label(fixed_labels.data, warped, shared_labels(fixed_labels.data, moving_labels.data))
+        large = [scores[label] for label in LARGE_ORGANS if label in scores]
+        return {"mean Dice": float(np.mean(list(scores.values()))), "large-organ Dice": float(np.mean(large)),
+                "labels": float(len(scores))}
 
     return fixed, moving, evaluate
 
