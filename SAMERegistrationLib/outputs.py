@@ -22,6 +22,7 @@ import torch
 from .export import write_affine, write_displacement_field, write_transform
 from .image import Image
 from .io import write_image
+from .preprocess import CT_AIR_HU
 from .metrics import dice_per_label, shared_labels
 from .spatial.jacobian import jacobian_determinant, jacobian_statistics
 from .spatial.transform import SpatialTransform
@@ -35,8 +36,6 @@ JACOBIAN_FILE = "jacobian.nii.gz"
 WARPED_LABELS_FILE = "warped_labels.nii.gz"
 SUMMARY_FILE = "summary.json"
 OVERVIEW_FILE = "overview.png"
-
-_AIR_HU = -1024.0
 
 
 @dataclass(frozen=True)
@@ -61,7 +60,7 @@ def compute_result_images(fixed: Image, moving: Image, transform: SpatialTransfo
                           ) -> ResultImages:
     """Warps the moving image (and labels) and computes the displacement and Jacobian maps (CPU)."""
     transform = transform.to("cpu")
-    fill = min(_AIR_HU, float(moving.data.min()))
+    fill = min(CT_AIR_HU, float(moving.data.min()))
     warped = resample_image(moving, fixed.grid, transform, fill=fill)
     displacement = transform.displacement_on(fixed.grid)
     jacobian = jacobian_determinant(displacement, fixed.grid)

@@ -15,6 +15,7 @@ import SimpleITK as sitk
 import torch
 
 from .image import Image
+from .spatial.warp import resample_image
 
 CT_WINDOW_HU = (-800.0, 400.0)
 """HU range mapped to [-1, 1] for the registration channel."""
@@ -22,6 +23,10 @@ CT_WINDOW_HU = (-800.0, 400.0)
 BODY_THRESHOLD_HU = -500.0
 """Voxels above this HU are tissue candidates for the body mask (air and lung are below)."""
 
+CT_AIR_HU = -1024.0
+"""Fill value for CT voxels outside the scanned field of view."""
+
+_ANTIALIAS_SIGMA_FRACTION = 0.4
 _TABLE_OPENING_MM = 6.0
 _SMOOTHING_CLOSING_MM = 6.0
 
@@ -43,6 +48,20 @@ def normalise_intensity(image: Image, is_ct: bool) -> Image:
         high = high if high > low else low + 1.0
     scaled = (image.data.float() - low) / (high - low) * 2.0 - 1.0
     return Image(scaled.clamp(-1.0, 1.0), image.grid)
+
+
+def to_working_grid(image: Image, spacing: float, is_ct: bool) -> Image:
+    """``image`` resampled onto its canonical working grid (``Grid.with_spacing``: isotropic
+    ``spacing`` mm, identity LPS direction), Gaussian-smoothed first when downsampling so that
+    coarse levels do not alias. Outside the scanned field: air for CT, the minimum otherwise."""
+    target = image.grid.with_spacing(spacing)
+    fill = CT_AIR_HU if is_ct else float(image.data.min())
+    sigmas = [_ANTIALIAS_SIGMA_FRACTION * (spacing**2 - s**2) ** 0.5 if spacing > s else 0.0
+              for s in image.grid.spacing]
+    if max(sigmas) > 0:
+        smoothed = sitk.SmoothingRecursiveGaussian(image.to_sitk(sitk.sitkFloat32), [max(s, 1e-3) for s in sigmas])
+        image = Image.from_sitk(smoothed)
+    return resample_image(image, target, fill=fill)
 
 
 def body_mask(image: Image, is_ct: bool) -> Image:

@@ -26,6 +26,7 @@ from .outputs import compute_result_images, jacobian_summary, label_summary, wri
 from .pipeline.problem import RegistrationOptions, RegistrationProblem, resolve_device
 from .pipeline.progress import ProgressCallback
 from .pipeline.runner import RegistrationPipeline
+from .spatial.grid import Grid
 from .spatial.transform import SpatialTransform
 from .spatial.warp import LabelMethod, resample_image, resample_labels
 
@@ -67,7 +68,7 @@ def register_files(request: RegistrationRequest, on_progress: ProgressCallback |
     device = resolve_device(request.device)
     pipeline = build_pipeline(request.mode, has_initial_transform=request.initial_transform is not None)
     inputs = load_inputs(request)
-    check_memory(inputs.fixed, inputs.moving, request.options.spacing, device)
+    check_memory(inputs.fixed.grid, inputs.moving.grid, request.options.spacing, device)
     outdir = check_output_directory(request.output_dir)
     with _thread_count(request.options.threads):
         return _register(request, inputs, pipeline, device, outdir, started, on_progress, cancel)
@@ -160,14 +161,14 @@ def _register(request: RegistrationRequest, inputs: LoadedInputs, pipeline: Regi
     return summary
 
 
-def check_memory(fixed: Image, moving: Image, spacing: float, device: torch.device) -> None:
+def check_memory(fixed: Grid, moving: Grid, spacing: float, device: torch.device) -> None:
     """Raises InputError when the run would need more memory than is available.
 
     The estimate covers the working grids at ``spacing`` (deformable optimisation) and the outputs
     on the fixed grid; it is deliberately generous.
     """
-    working_voxels = fixed.grid.with_spacing(spacing).num_voxels + moving.grid.with_spacing(spacing).num_voxels
-    output_bytes = fixed.grid.num_voxels * _BYTES_PER_FIXED_VOXEL
+    working_voxels = fixed.with_spacing(spacing).num_voxels + moving.with_spacing(spacing).num_voxels
+    output_bytes = fixed.num_voxels * _BYTES_PER_FIXED_VOXEL
     working_bytes = working_voxels * _BYTES_PER_WORKING_VOXEL
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)

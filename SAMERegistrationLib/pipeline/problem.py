@@ -4,18 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import SimpleITK as sitk
 import torch
 
 from ..errors import InputError
 from ..image import Image
-from ..preprocess import body_mask, looks_like_ct, normalise_intensity
+from ..preprocess import body_mask, looks_like_ct, normalise_intensity, to_working_grid
 from ..spatial.grid import Grid
 from ..spatial.sampling import sample_at_points
 from ..spatial.warp import resample_image
-
-_CT_AIR_HU = -1024.0
-_ANTIALIAS_SIGMA_FRACTION = 0.4
 
 
 @dataclass(frozen=True)
@@ -116,37 +112,25 @@ class RegistrationProblem:
 
     def _body_mask(self, key: str, image: Image, is_ct: bool) -> Image:
         if key not in self._body:
-            working = _prepare(image, self.options.spacing, is_ct)
+            working = to_working_grid(image, self.options.spacing, is_ct)
             self._body[key] = body_mask(working, is_ct)
         return self._body[key]
 
     def _build_level(self, spacing: float) -> WorkingLevel:
         fixed_grid = self.fixed.grid.with_spacing(spacing)
-        fixed_hu = _prepare(self.fixed, spacing, self.fixed_is_ct)
+        fixed_hu = to_working_grid(self.fixed, spacing, self.fixed_is_ct)
         fixed_valid = _valid_region(self.fixed.grid, fixed_grid)
         if self.fixed_mask is not None:
             mask = resample_image(self.fixed_mask, fixed_grid, interpolation="nearest").data
         else:
             mask = resample_image(self.fixed_body_mask(), fixed_grid, interpolation="nearest").data
-        moving_hu = _prepare(self.moving, spacing, self.moving_is_ct)
+        moving_hu = to_working_grid(self.moving, spacing, self.moving_is_ct)
         return WorkingLevel(
             fixed=normalise_intensity(fixed_hu, self.fixed_is_ct).to(self.device),
             fixed_weight=(mask * fixed_valid).to(self.device),
             moving=normalise_intensity(moving_hu, self.moving_is_ct).to(self.device),
             moving_valid=_valid_region(self.moving.grid, moving_hu.grid).to(self.device),
         )
-
-
-def _prepare(image: Image, spacing: float, is_ct: bool) -> Image:
-    """``image`` resampled onto its canonical working grid at ``spacing``, smoothed against aliasing."""
-    target = image.grid.with_spacing(spacing)
-    fill = _CT_AIR_HU if is_ct else float(image.data.min())
-    sigmas = [_ANTIALIAS_SIGMA_FRACTION * (spacing**2 - s**2) ** 0.5 if spacing > s else 0.0
-              for s in image.grid.spacing]
-    if max(sigmas) > 0:
-        smoothed = sitk.SmoothingRecursiveGaussian(image.to_sitk(sitk.sitkFloat32), [max(s, 1e-3) for s in sigmas])
-        image = Image.from_sitk(smoothed)
-    return resample_image(image, target, fill=fill)
 
 
 def _valid_region(source: Grid, target: Grid) -> torch.Tensor:
