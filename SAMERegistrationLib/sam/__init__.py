@@ -1,0 +1,1 @@
+"""SAM: self-supervised anatomical embeddings (network, weights, embedding, matching, training)."""

@@ -1,0 +1,189 @@
+"""``same-train-sam``: self-supervised training of the SAM network on CT volumes.
+
+Each step draws ``--batch`` view pairs, each from a different volume (:mod:`.views`), embeds the
+``2 x batch`` crops in one forward pass and minimises local + global InfoNCE (:mod:`.loss`).
+Seeds are fixed, checkpoints (model, optimiser, step, random state) resume exactly, and the log
+prints the loss and a matching probe: the median error of matching points of a training volume
+into a known synthetic deformation of itself.
+
+Data-parallel: ``torchrun --nproc_per_node N -m SAMERegistrationLib.sam.train ...`` runs N
+processes (gloo on CPU, nccl on CUDA) with DistributedDataParallel; each draws its own pairs
+(seed + rank) and rank 0 alone logs and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from ..image import Image
+from ..io import read_image
+from ..preprocess import body_mask, looks_like_ct, to_working_grid
+from ..synthetic import make_synthetic_pair
+from .embedding import embed, feature_grids, save_checkpoint
+from .loss import ContrastiveSettings, global_loss, local_loss, query_points
+from .matching import match_points
+from .network import SAMConfig, SAMNet, sam_intensity
+from .views import TrainingVolume, ViewAugmentation, sample_view_pair
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="same-train-sam", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("volumes", nargs="+", help="CT volumes (NIfTI/NRRD/MHA/DICOM folder) in HU")
+    parser.add_argument("-o", "--output", required=True, help="folder for checkpoints, log and final weights")
+    parser.add_argument("--iterations", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=2, help="view pairs per step and process (different volumes)")
+    parser.add_argument("--patch", type=int, default=48, help="crop edge in voxels")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--checkpoint-every", type=int, default=200)
+    parser.add_argument("--probe-every", type=int, default=200)
+    parser.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
+    parser.add_argument("--widths", type=int, nargs=3, default=list(SAMConfig.widths))
+    parser.add_argument("--local-dim", type=int, default=SAMConfig.local_dim)
+    parser.add_argument("--global-dim", type=int, default=SAMConfig.global_dim)
+    return parser
+
+
+def prepare_volume(path: str, spacing: float) -> TrainingVolume | None:
+    """A CT on its canonical grid with its body voxels, or None (with a warning) if it is not CT."""
+    image = read_image(path, "training volume")
+    if not looks_like_ct(image):
+        warnings.warn(f"training volume {path}: does not look like CT in HU; skipped", stacklevel=2)
+        return None
+    working = to_working_grid(image, spacing, is_ct=True)
+    mask = body_mask(working, is_ct=True).data.bool()
+    return TrainingVolume(working, working.grid.world_points()[mask])
+
+
+def training_step(model: torch.nn.Module, config: SAMConfig, volumes: list[TrainingVolume],
+                  augmentation: ViewAugmentation, settings: ContrastiveSettings, generator: torch.Generator,
+                  batch: int, device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
+    """One step's loss (not yet back-propagated) and its parts."""
+    order = torch.randperm(len(volumes), generator=generator)
+    chosen = [volumes[int(order[i % len(volumes)])] for i in range(batch)]
+    pairs = [sample_view_pair(v, config.spacing_mm, augmentation, generator) for v in chosen]
+    crops = torch.stack([sam_intensity(hu, config) for pair in pairs for hu in (pair[0], pair[2])])[:, None]
+    local, coarse = model(crops.to(device))
+    local_losses, coarse_maps, coarse_grids, points_per_pair = [], [], [], []
+    for n, (hu_1, grid_1, _, grid_2) in enumerate(pairs):
+        local_1, coarse_1 = feature_grids(grid_1)
+        local_2, coarse_2 = feature_grids(grid_2)
+        points = query_points(grid_1, local_1, hu_1, grid_2, settings.queries, settings.min_query_hu, generator).to(device)
+        points_per_pair.append(points)
+        coarse_maps.append(coarse[2 * n:2 * n + 2])
+        coarse_grids.append((coarse_1, coarse_2))
+        if len(points):
+            local_losses.append(local_loss(local[2 * n], local_1, local[2 * n + 1], local_2, points, settings, generator))
+    local_part = torch.stack(local_losses).mean() if local_losses else local.sum() * 0
+    global_part = global_loss(coarse_maps, coarse_grids, points_per_pair, settings)
+    return local_part + global_part, {"local": local_part.item(), "global": global_part.item()}
+
+
+def matching_probe(model: SAMNet, volume: TrainingVolume, device: torch.device, count: int = 200) -> float:
+    """Median error (mm) of matching ``count`` body points into a fixed synthetic warp of ``volume``."""
+    pair = make_synthetic_pair(volume.image, rotation_deg=(0, 0, 8), scale=(1.05, 0.95, 1.0),
+                               translation_mm=(20.0, -10.0, 15.0), field_amplitude_mm=8.0, seed=1)
+    generator = torch.Generator().manual_seed(123)
+    points = volume.body_points[torch.randperm(len(volume.body_points), generator=generator)[:count]].float()
+    fixed, moving = embed(pair.fixed, model, device), embed(pair.moving, model, device)
+    matched = match_points(fixed, moving, points.to(device)).points.cpu()
+    truth_error = (pair.psi.map_points(matched.double()).float() - points).norm(dim=-1)
+    return float(truth_error.median())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = torch.device(args.device if args.device != "cuda" else f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    output = Path(args.output)
+    if rank == 0:
+        output.mkdir(parents=True, exist_ok=True)
+
+    config = SAMConfig(widths=tuple(args.widths), local_dim=args.local_dim, global_dim=args.global_dim)
+    volumes = [v for v in (prepare_volume(p, config.spacing_mm) for p in args.volumes) if v is not None]
+    if not volumes:
+        print("same-train-sam: error: no usable CT volume among the inputs", file=sys.stderr)
+        return 2
+    model = SAMNet(config).to(device)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, args.iterations) / args.iterations)))
+    generator = torch.Generator().manual_seed(args.seed * 1000 + rank)
+    start_step = 0
+    checkpoint_path = output / "checkpoint.pt"
+    if args.resume and checkpoint_path.is_file():
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["state_dict"])
+        optimiser.load_state_dict(state["optimiser"])
+        schedule.load_state_dict(state["schedule"])
+        generator.set_state(state["generators"][rank])
+        start_step = state["step"]
+    trained = DistributedDataParallel(model) if world > 1 else model
+    augmentation, settings = ViewAugmentation(patch=args.patch), ContrastiveSettings()
+
+    log = open(output / "train_log.jsonl", "a") if rank == 0 else None
+    started = time.perf_counter()
+    for step in range(start_step, args.iterations):
+        loss, parts = training_step(trained, config, volumes, augmentation, settings, generator, args.batch, device)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        done = step + 1
+        record = {"step": done, "loss": round(loss.item(), 4), **{k: round(v, 4) for k, v in parts.items()},
+                  "lr": schedule.get_last_lr()[0], "seconds": round(time.perf_counter() - started, 1)}
+        if rank == 0 and (done % args.probe_every == 0 or done == args.iterations):
+            record["probe_median_error_mm"] = round(matching_probe(model, volumes[0], device), 2)
+        if rank == 0:
+            print(json.dumps(record), flush=True)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        if done % args.checkpoint_every == 0 or done == args.iterations:
+            generators = _gather_generator_states(generator, world)
+            if rank == 0:
+                torch.save({"state_dict": model.state_dict(), "optimiser": optimiser.state_dict(),
+                            "schedule": schedule.state_dict(), "step": done, "generators": generators,
+                            "config": config.as_dict(), "args": vars(args)}, checkpoint_path)
+    if rank == 0:
+        digest = save_checkpoint(output / "sam.pt", model, iterations=args.iterations,
+                                 seconds=round(time.perf_counter() - started, 1))
+        print(json.dumps({"weights": str(output / "sam.pt"), "sha256": digest}), flush=True)
+        log.close()
+    if world > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+def _gather_generator_states(generator: torch.Generator, world: int) -> list[torch.Tensor]:
+    """Every rank's sampling generator state, so a resumed run draws the same pairs."""
+    state = generator.get_state()
+    if world == 1:
+        return [state]
+    states = [torch.empty_like(state) for _ in range(world)]
+    dist.all_gather(states, state)
+    return states
+
+
+if __name__ == "__main__":
+    sys.exit(main())
