@@ -101,4 +101,8 @@ def global_loss(coarse: list[torch.Tensor], grids: list[tuple[Grid, Grid]], poin
         negatives = torch.cat([own] + others)[None].expand(len(pts), -1, -1)
         mask = torch.cat([far, torch.ones(len(pts), len(negatives[0]) - len(own), dtype=torch.bool, device=pts.device)], 1)
         losses.append(info_nce(query, positive, negatives, settings.temperature, mask))
-    return torch.stack(losses).mean() if losses else torch.zeros((), requires_grad=True)
+    if not losses:
+        # no query point in any pair: a zero that still involves every output, so data-parallel
+        # training sees each parameter used
+        return sum(maps.sum() for maps in coarse) * 0.0
+    return torch.stack(losses).mean()

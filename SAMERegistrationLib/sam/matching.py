@@ -4,8 +4,8 @@ Coarse to fine, so cost does not grow with the whole volume per point:
 1. global similarity of each query's coarse embedding against every coarse voxel of the target
    (a few thousand), keeping the ``top_k`` best as candidate regions;
 2. in a ``window_mm`` cube around each candidate, the combined similarity
-   ``(cos_local + cos_global) / 2`` at every local (stride-2) voxel; the best voxel wins, refined to
-   sub-voxel precision by a parabola through its neighbours along each axis.
+   ``(cos_local + cos_global) / 2`` at every local (stride-2) voxel; the best voxel wins, optionally
+   refined by a parabola through its neighbours along each axis (at most half a local voxel).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def describe_points(embeddings: Embeddings, points: torch.Tensor) -> tuple[torch
 
 def match_points(source: Embeddings, target: Embeddings | MatchTarget, points: torch.Tensor,
                  window_mm: float = 24.0, top_k: int = 3, cycle_tolerance_mm: float | None = None,
-                 chunk: int = 256) -> Matches:
+                 subvoxel: bool = True, chunk: int = 256) -> Matches:
     """Matches world ``points`` ``(N, 3)`` of the source image into the target image.
 
     Args:
@@ -63,20 +63,22 @@ def match_points(source: Embeddings, target: Embeddings | MatchTarget, points: t
         top_k: coarse candidates searched locally per point.
         cycle_tolerance_mm: when given, each match is matched back into the source and flagged
             ``consistent`` when it returns within this distance of its query.
+        subvoxel: refine the best local voxel with a parabola fit along each axis.
     """
     prepared = target if isinstance(target, MatchTarget) else MatchTarget(target)
-    results = [_match_chunk(source, prepared, points[i:i + chunk], window_mm, top_k) for i in range(0, len(points), chunk)]
+    results = [_match_chunk(source, prepared, points[i:i + chunk], window_mm, top_k, subvoxel)
+               for i in range(0, len(points), chunk)]
     matched = torch.cat([r[0] for r in results]) if results else points.new_zeros((0, 3))
     score = torch.cat([r[1] for r in results]) if results else points.new_zeros((0,))
     consistent = torch.ones(len(points), dtype=torch.bool, device=points.device)
     if cycle_tolerance_mm is not None and len(points):
-        back = match_points(prepared.embeddings, source, matched, window_mm, top_k, None, chunk).points
+        back = match_points(prepared.embeddings, source, matched, window_mm, top_k, None, subvoxel, chunk).points
         consistent = (back - points).norm(dim=-1) <= cycle_tolerance_mm
     return Matches(matched, score, consistent)
 
 
-def _match_chunk(source: Embeddings, target: MatchTarget, points: torch.Tensor, window_mm: float, top_k: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def _match_chunk(source: Embeddings, target: MatchTarget, points: torch.Tensor, window_mm: float, top_k: int,
+                 subvoxel: bool) -> tuple[torch.Tensor, torch.Tensor]:
     local_query, coarse_query = describe_points(source, points)
     coarse_similarity = coarse_query @ target.coarse_flat                              # (N, Vc)
     candidates = target.coarse_points[coarse_similarity.topk(min(top_k, coarse_similarity.shape[1]), dim=1).indices]
@@ -94,7 +96,9 @@ def _match_chunk(source: Embeddings, target: MatchTarget, points: torch.Tensor, 
     combined = (local_similarity + coarse_on_local) / 2.0
     score, best = combined.max(dim=1)
     best_kji = voxels.gather(1, best[:, None, None].expand(-1, 1, 3))[:, 0]
-    refined_kji = best_kji.double() + _parabolic_offsets(target, best_kji, local_query, coarse_query)
+    refined_kji = best_kji.double()
+    if subvoxel:
+        refined_kji = refined_kji + _parabolic_offsets(target, best_kji, local_query, coarse_query)
     index_ijk = refined_kji.flip(-1)
     matrix = torch.as_tensor(local_grid.index_to_world(), dtype=torch.float64, device=points.device)
     matched = (index_ijk @ matrix[:3, :3].T + matrix[:3, 3]).to(points.dtype)
