@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fixed-labels", metavar="FILE", help="label map on the fixed grid; with --moving-labels gives Dice per label")
     parser.add_argument("--fixed-mask", metavar="FILE", help="binary mask on the fixed grid restricting the similarity (default: body mask)")
     parser.add_argument("--initial-transform", metavar="FILE", help="ITK transform file (fixed -> moving) to start from; skips the initial alignment")
+    parser.add_argument("--sam-weights", metavar="FILE", help="SAM weights for the SAM modes (default: the shipped ones; "
+                                                              "FILE.sha256 must hold its SHA-256)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     parser.add_argument("--spacing", type=float, default=RegistrationOptions.spacing, metavar="MM",
                         help=f"finest working voxel size in mm (default {RegistrationOptions.spacing:g})")
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     request = RegistrationRequest(
         fixed=args.fixed, moving=args.moving, output_dir=args.output, mode=args.mode,
         moving_labels=args.moving_labels, fixed_labels=args.fixed_labels, fixed_mask=args.fixed_mask,
-        initial_transform=args.initial_transform, device=args.device, label_method=args.label_interpolation,
+        initial_transform=args.initial_transform, sam_weights=args.sam_weights, device=args.device, label_method=args.label_interpolation,
         overview=not args.no_overview, options=RegistrationOptions(spacing=args.spacing, threads=args.threads))
     bars = None if args.quiet else _ProgressBars()
     with warnings.catch_warnings():

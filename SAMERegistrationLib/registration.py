@@ -49,6 +49,7 @@ class RegistrationRequest:
     fixed_labels: str | os.PathLike | None = None
     fixed_mask: str | os.PathLike | None = None
     initial_transform: str | os.PathLike | None = None
+    sam_weights: str | os.PathLike | None = None
     device: str = "auto"
     label_method: LabelMethod = "nearest"
     overview: bool = True
@@ -66,7 +67,8 @@ def register_files(request: RegistrationRequest, on_progress: ProgressCallback |
     started = time.perf_counter()
     _check_options(request.options)
     device = resolve_device(request.device)
-    pipeline = build_pipeline(request.mode, has_initial_transform=request.initial_transform is not None)
+    pipeline = build_pipeline(request.mode, has_initial_transform=request.initial_transform is not None,
+                              sam_weights=request.sam_weights)
     inputs = load_inputs(request)
     check_memory(inputs.fixed.grid, inputs.moving.grid, request.options.spacing, device)
     outdir = check_output_directory(request.output_dir)

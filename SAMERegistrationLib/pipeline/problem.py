@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, TypeVar
 
 import torch
 
@@ -12,6 +13,9 @@ from ..preprocess import body_mask, looks_like_ct, normalise_intensity, to_worki
 from ..spatial.grid import Grid
 from ..spatial.sampling import sample_at_points
 from ..spatial.warp import resample_image
+
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,7 @@ class RegistrationProblem:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     _levels: dict[float, WorkingLevel] = field(default_factory=dict, init=False, repr=False)
     _body: dict[str, Image] = field(default_factory=dict, init=False, repr=False)
+    _memo: dict[str, object] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.fixed_is_ct = looks_like_ct(self.fixed)
@@ -101,6 +106,13 @@ class RegistrationProblem:
         if spacing not in self._levels:
             self._levels[spacing] = self._build_level(spacing)
         return self._levels[spacing]
+
+    def memo(self, key: str, compute: Callable[[], T]) -> T:
+        """``compute()`` once per problem and ``key`` (e.g. the fixed image's SAM embeddings, shared
+        by several stages)."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
 
     def fixed_body_mask(self) -> Image:
         """Body mask of the fixed image on its finest working grid (uint8)."""
