@@ -54,34 +54,42 @@ def describe_points(embeddings: Embeddings, points: torch.Tensor) -> tuple[torch
 
 
 def match_points(source: Embeddings, target: Embeddings | MatchTarget, points: torch.Tensor,
-                 window_mm: float = 24.0, top_k: int = 3, cycle_tolerance_mm: float | None = None,
-                 subvoxel: bool = True, chunk: int = 256) -> Matches:
+                 window_mm: float = 12.0, top_k: int = 3, cycle_tolerance_mm: float | None = None,
+                 subvoxel: bool = True, search_centres: torch.Tensor | None = None, chunk: int = 256) -> Matches:
     """Matches world ``points`` ``(N, 3)`` of the source image into the target image.
 
     Args:
-        window_mm: edge half-length of the local search cube around each coarse candidate.
+        window_mm: half-width of the local search cube around each coarse candidate (the default
+            covers the 16 mm spacing of the coarse grid with a margin).
         top_k: coarse candidates searched locally per point.
         cycle_tolerance_mm: when given, each match is matched back into the source and flagged
             ``consistent`` when it returns within this distance of its query.
         subvoxel: refine the best local voxel with a parabola fit along each axis.
+        search_centres: optional ``(N, 3)`` world points in the target around which to search
+            (e.g. each point's own position after an alignment) instead of the coarse candidates.
     """
     prepared = target if isinstance(target, MatchTarget) else MatchTarget(target)
-    results = [_match_chunk(source, prepared, points[i:i + chunk], window_mm, top_k, subvoxel)
+    results = [_match_chunk(source, prepared, points[i:i + chunk], window_mm, top_k, subvoxel,
+                            None if search_centres is None else search_centres[i:i + chunk])
                for i in range(0, len(points), chunk)]
     matched = torch.cat([r[0] for r in results]) if results else points.new_zeros((0, 3))
     score = torch.cat([r[1] for r in results]) if results else points.new_zeros((0,))
     consistent = torch.ones(len(points), dtype=torch.bool, device=points.device)
     if cycle_tolerance_mm is not None and len(points):
-        back = match_points(prepared.embeddings, source, matched, window_mm, top_k, None, subvoxel, chunk).points
+        back = match_points(prepared.embeddings, source, matched, window_mm, top_k, None, subvoxel,
+                            None if search_centres is None else points, chunk).points
         consistent = (back - points).norm(dim=-1) <= cycle_tolerance_mm
     return Matches(matched, score, consistent)
 
 
 def _match_chunk(source: Embeddings, target: MatchTarget, points: torch.Tensor, window_mm: float, top_k: int,
-                 subvoxel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                 subvoxel: bool, search_centres: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     local_query, coarse_query = describe_points(source, points)
-    coarse_similarity = coarse_query @ target.coarse_flat                              # (N, Vc)
-    candidates = target.coarse_points[coarse_similarity.topk(min(top_k, coarse_similarity.shape[1]), dim=1).indices]
+    if search_centres is None:
+        coarse_similarity = coarse_query @ target.coarse_flat                          # (N, Vc)
+        candidates = target.coarse_points[coarse_similarity.topk(min(top_k, coarse_similarity.shape[1]), dim=1).indices]
+    else:
+        candidates = search_centres[:, None, :]
     local_grid = target.embeddings.local.grid
     radius = max(1, int(round(window_mm / local_grid.spacing[0])))
     offsets = torch.arange(-radius, radius + 1, device=points.device)

@@ -32,11 +32,15 @@ def fixed_embeddings(problem: RegistrationProblem, model: SAMNet) -> Embeddings:
     return problem.memo("sam-fixed", lambda: embed(problem.fixed, model, problem.device))
 
 
-def fixed_grid_points(problem: RegistrationProblem, stride: int) -> torch.Tensor:
-    """World points ``(N, 3)`` every ``stride`` voxels of the fixed working grid inside the body mask."""
+def fixed_grid_points(problem: RegistrationProblem, stride: int, max_points: int) -> torch.Tensor:
+    """World points ``(N, 3)`` every ``stride`` voxels of the fixed working grid inside the body
+    mask, at most ``max_points`` of them (an even random subset, fixed seed)."""
     mask = problem.fixed_body_mask()
     points = mask.grid.world_points()[::stride, ::stride, ::stride]
-    return points[mask.data[::stride, ::stride, ::stride].bool()]
+    points = points[mask.data[::stride, ::stride, ::stride].bool()]
+    if len(points) > max_points:
+        points = points[torch.randperm(len(points), generator=torch.Generator().manual_seed(0))[:max_points]]
+    return points
 
 
 class SAMAffine(Stage):
@@ -49,25 +53,27 @@ class SAMAffine(Stage):
         cycle_tolerance_mm: forward-backward check: a match must return within this distance.
         inlier_threshold_mm: RANSAC inlier distance.
         min_matches: fewer confident matches than this trigger the fallback.
+        max_points: at most this many grid points are matched (plenty for 12 parameters).
     """
 
     name = "sam-affine"
 
     def __init__(self, model: SAMNet, stride: int = 8, score_threshold: float = 0.7, cycle_tolerance_mm: float = 8.0,
-                 inlier_threshold_mm: float = 10.0, min_matches: int = 20) -> None:
+                 inlier_threshold_mm: float = 10.0, min_matches: int = 20, max_points: int = 2000) -> None:
         self.model = model
         self.stride = stride
         self.score_threshold = score_threshold
         self.cycle_tolerance_mm = cycle_tolerance_mm
         self.inlier_threshold_mm = inlier_threshold_mm
         self.min_matches = min_matches
+        self.max_points = max_points
 
     def run(self, problem: RegistrationProblem, transform: SpatialTransform, progress: Progress) -> SpatialTransform:
         progress.update(0.05, "embedding the fixed image")
         source = fixed_embeddings(problem, self.model)
         progress.update(0.35, "embedding the moving image")
         target = embed(problem.moving, self.model, problem.device)
-        points = fixed_grid_points(problem, self.stride).to(problem.device)
+        points = fixed_grid_points(problem, self.stride, self.max_points).to(problem.device)
         progress.update(0.65, f"matching {len(points)} grid points")
         matches = match_points(source, target, points, cycle_tolerance_mm=self.cycle_tolerance_mm)
         keep = (matches.score >= self.score_threshold) & matches.consistent

@@ -41,13 +41,14 @@ class SAMCoarse(Stage):
         control_spacing_mm: spacing of the fitted displacement grid.
         smoothness_weight: weight of the bending energy (per mm^2 of the control grid).
         iterations: Adam iterations of the fit.
+        max_points: at most this many grid points are re-matched.
     """
 
     name = "sam-coarse"
 
-    def __init__(self, model: SAMNet, stride: int = 4, score_threshold: float = 0.7, cycle_tolerance_mm: float = 6.0,
-                 window_mm: float = 20.0, control_spacing_mm: float = 16.0, smoothness_weight: float = 2000.0,
-                 iterations: int = 200) -> None:
+    def __init__(self, model: SAMNet, stride: int = 5, score_threshold: float = 0.7, cycle_tolerance_mm: float = 6.0,
+                 window_mm: float = 12.0, control_spacing_mm: float = 16.0, smoothness_weight: float = 2000.0,
+                 iterations: int = 200, max_points: int = 10000) -> None:
         self.model = model
         self.stride = stride
         self.score_threshold = score_threshold
@@ -56,6 +57,7 @@ class SAMCoarse(Stage):
         self.control_spacing_mm = control_spacing_mm
         self.smoothness_weight = smoothness_weight
         self.iterations = iterations
+        self.max_points = max_points
 
     def run(self, problem: RegistrationProblem, transform: SpatialTransform, progress: Progress) -> SpatialTransform:
         progress.update(0.05, "embedding the fixed image")
@@ -64,9 +66,9 @@ class SAMCoarse(Stage):
         progress.update(0.2, "re-embedding the aligned moving image")
         aligned = resample_image(problem.moving, grid, transform, fill=CT_AIR_HU)
         target = embed(aligned, self.model, problem.device)
-        points = fixed_grid_points(problem, self.stride).to(problem.device)
+        points = fixed_grid_points(problem, self.stride, self.max_points).to(problem.device)
         progress.update(0.5, f"re-matching {len(points)} grid points")
-        matches = match_points(source, target, points, window_mm=self.window_mm, top_k=1,
+        matches = match_points(source, target, points, window_mm=self.window_mm, search_centres=points,
                                cycle_tolerance_mm=self.cycle_tolerance_mm)
         keep = (matches.score >= self.score_threshold) & matches.consistent
         progress.record("grid_points", len(points))
