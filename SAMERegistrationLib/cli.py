@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     request = RegistrationRequest(
         fixed=args.fixed, moving=args.moving, output_dir=args.output, mode=args.mode,
         moving_labels=args.moving_labels, fixed_labels=args.fixed_labels, fixed_mask=args.fixed_mask,
-        initial_transform=args.initial_transform, sam_weights=args.sam_weights, device=args.device, label_method=args.label_interpolation,
-        overview=not args.no_overview, options=RegistrationOptions(spacing=args.spacing, threads=args.threads))
+        initial_transform=args.initial_transform, sam_weights=args.sam_weights, device=args.device,
+        label_method=args.label_interpolation, overview=not args.no_overview, options=RegistrationOptions(spacing=args.spacing, threads=args.threads))
     bars = None if args.quiet else _ProgressBars()
     with warnings.catch_warnings():
         warnings.simplefilter("always")

@@ -1,0 +1,650 @@
+"""SAMERegistration: deformable registration of CT volumes in 3D Slicer.
+
+Five roles, one class each: module metadata, typed parameter node, widget, logic (usable without
+the widget), and test. The computation runs in a separate Python process
+(:mod:`SAMERegistrationLib.worker`); every node conversion lives in :mod:`SAMERegistrationLib.mrml`.
+Heavy imports (torch and the library) happen inside functions, so the module appears at once.
+"""
+
+import enum
+import logging
+import os
+import pathlib
+import shutil
+import sys
+from typing import Annotated, Optional
+
+import qt
+import slicer
+import vtk
+from slicer import (
+    vtkMRMLGridTransformNode,
+    vtkMRMLLinearTransformNode,
+    vtkMRMLScalarVolumeNode,
+    vtkMRMLSegmentationNode,
+    vtkMRMLTransformNode,
+)
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+MINIMUM_TORCH_VERSION = "2.2"
+"""Oldest PyTorch the backend supports (asked of PyTorchUtils when installing)."""
+OTHER_REQUIREMENTS = {"psutil": "psutil>=5.9"}
+"""Python packages the backend needs besides torch, SimpleITK and numpy (Slicer's own are used)."""
+
+
+def _moduleRoot() -> str:
+    """The folder holding this file and, beside it, ``SAMERegistrationLib`` (source tree and
+    installed extension alike; see CMakeLists.txt)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for candidate in (here, os.path.dirname(here)):
+        if os.path.isdir(os.path.join(candidate, "SAMERegistrationLib")):
+            return candidate
+    return here
+
+
+def _resourcePath(relativePath: str) -> str:
+    """A file of ``Resources/`` (next to SAMERegistrationLib in both layouts)."""
+    return os.path.join(_moduleRoot(), "Resources", relativePath)
+
+
+def _importLibrary():
+    """Imports the backend's MRML bridge (and so torch): only call after ensureDependencies()."""
+    root = _moduleRoot()
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from SAMERegistrationLib import mrml
+
+    return mrml
+
+
+#
+# Module metadata
+#
+class SAMERegistration(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("SAME Registration")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Registration")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["SAMERegistration developers"]
+        iconPath = _resourcePath("Icons/SAMERegistration.png")
+        if os.path.isfile(iconPath):  # also from a source tree, where Resources/ is beside this folder
+            self.parent.icon = qt.QIcon(iconPath)
+        self.parent.helpText = _("""
+Deformable registration of 3-D images (CT first): the moving volume (and segmentation) is aligned
+to the fixed volume. The computation runs in a background process: Slicer stays responsive, Apply
+turns into Cancel, and the progress bar names each stage.
+<p><b>Modes</b></p>
+<ul>
+<li><b>Intensity baseline</b> (available): initial alignment from body masks, affine, then a
+diffeomorphic deformable stage on a stationary velocity field, all driven by local normalised
+cross-correlation. Works across patients and scanners; limits: intensity only, so large
+anatomical differences (organs that are absent or very differently shaped) are only partly
+recovered; about a minute on a CPU at the default preset.</li>
+<li><b>SAME</b> (three stages, each switchable: SAM-affine; SAM-affine + SAM-coarse; all three
+with SAM-deformable): matches self-supervised anatomical embeddings (SAM) of both images instead of
+intensities, so it copes with large initial misalignment and different patients. Uses the SAM
+weights shipped with the extension (checked by checksum) or your own weights file. Limits: trained
+for CT; stage combinations that the installed version does not have yet are reported when chosen
+(the SAM-deformable stage is still to come).</li>
+<li><b>TVF-diffeomorphic</b>: time-dependent velocity fields, invertible by construction (gives
+the inverse transform too). Not available in this version.</li>
+</ul>
+<p><b>Outputs</b>: the whole transform as a grid transform (fixed to moving, so the moving volume
+placed under it lines up with the fixed one; it saves as an ITK displacement field), optionally the
+affine part as a linear transform, the warped volume, the Jacobian determinant map (white = 1,
+blue = compression, red = expansion; the log gives the % of folded voxels) and the warped
+segmentation. Inputs are never modified; Apply again with the same outputs replaces them.</p>
+<p>Presets set the finest working voxel size: Fast 4 mm, Balanced 3 mm, Quality 2 mm. Device
+Auto uses a GPU when PyTorch sees one; a check before the run offers the CPU when the images
+will not fit in GPU memory.</p>
+""")
+        self.parent.acknowledgementText = _("""
+Methods: SAME: Liu F. et al., "SAME: Deformable Image Registration based on Self-supervised
+Anatomical Embeddings", MICCAI 2021, and SAME++ (Tian L. et al., 2023); SAM: Yan K. et al.,
+"SAM: Self-supervised Learning of Pixel-wise Anatomical Embeddings in Radiological Images", IEEE
+TMI 2022; TransMorph-TVF: Chen J. et al., "Unsupervised learning of diffeomorphic image
+registration via TransMorph", WBIR 2022 / MedIA 2022; DeepSim: Czolbe S. et al., "DeepSim:
+Semantic similarity metrics for learned image registration", MIDL 2021; Li and Fan: "Non-rigid
+image registration using fully convolutional networks with deep self-supervision" (Li H., Fan Y.,
+arXiv 2017 / ISBI 2018). Sample data: TotalSegmentator (CC BY 4.0).
+""")
+
+
+#
+# Parameter node
+#
+class RegistrationMode(enum.Enum):
+    INTENSITY = "intensity"
+    SAME = "same"
+    TVF = "tvf"
+
+    def label(self):
+        return {"intensity": _("Intensity baseline"), "same": _("SAME (three-stage)"),
+                "tvf": _("TVF-diffeomorphic")}[self.value]
+
+
+class Preset(enum.Enum):
+    FAST = 4.0
+    BALANCED = 3.0
+    QUALITY = 2.0
+
+    def label(self):
+        return {4.0: _("Fast (4 mm)"), 3.0: _("Balanced (3 mm)"), 2.0: _("Quality (2 mm)")}[self.value]
+
+
+class Device(enum.Enum):
+    AUTO = "auto"
+    GPU = "cuda"
+    CPU = "cpu"
+
+    def label(self):
+        return {"auto": _("Auto"), "cuda": _("GPU"), "cpu": _("CPU")}[self.value]
+
+
+@parameterNodeWrapper
+class SAMERegistrationParameterNode:
+    """Everything the widget shows, saved with the scene."""
+
+    fixedVolume: vtkMRMLScalarVolumeNode
+    movingVolume: vtkMRMLScalarVolumeNode
+    fixedSegmentation: vtkMRMLSegmentationNode
+    movingSegmentation: vtkMRMLSegmentationNode
+    initialTransform: vtkMRMLTransformNode
+    fixedMask: vtkMRMLSegmentationNode
+    mode: RegistrationMode = RegistrationMode.INTENSITY
+    sameAffineStage: bool = True
+    sameCoarseStage: bool = True
+    sameDeformableStage: bool = True
+    customWeights: pathlib.Path = pathlib.Path()
+    preset: Preset = Preset.QUALITY
+    device: Device = Device.AUTO
+    outputTransform: vtkMRMLGridTransformNode
+    outputAffine: vtkMRMLLinearTransformNode
+    warpedVolume: vtkMRMLScalarVolumeNode
+    jacobianVolume: vtkMRMLScalarVolumeNode
+    warpedSegmentation: vtkMRMLSegmentationNode
+    inverseTransform: vtkMRMLTransformNode
+    showOverlay: bool = True
+    showGrid: bool = True
+    gridSpacing: Annotated[float, WithinRange(2.0, 100.0)] = 15.0
+
+
+def libraryModeName(parameters) -> str:
+    """The backend's mode name (see SAMERegistrationLib/modes.py) for the chosen mode and SAME stages.
+
+    Raises:
+        ValueError: a combination of SAME stages that has no mode.
+    """
+    if parameters.mode == RegistrationMode.SAME:
+        stages = (parameters.sameAffineStage, parameters.sameCoarseStage, parameters.sameDeformableStage)
+        names = {(True, False, False): "affine", (True, True, False): "coarse", (True, True, True): "same"}
+        if stages not in names:
+            raise ValueError(_("SAME stages: choose SAM-affine alone, SAM-affine + SAM-coarse, or all three"))
+        return names[stages]
+    return parameters.mode.value
+
+
+#
+# Widget
+#
+class SAMERegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(_resourcePath("UI/SAMERegistration.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = SAMERegistrationLogic()
+        self.logic.onEvent = self.onRegistrationEvent
+        self.ui.progressBar.hide()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.initializeParameterNode()
+        qt.QTimer.singleShot(0, self.updateDeviceInfo)  # after the module is shown
+
+    def cleanup(self) -> None:
+        self.logic.cancel()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGui)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.logic.cancel()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+
+    def setParameterNode(self, inputParameterNode: Optional[SAMERegistrationParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGui)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGui)
+            self.updateGui()
+
+    def updateDeviceInfo(self) -> None:
+        self.ui.deviceInfoLabel.text = self.logic.deviceDescription()
+
+    def updateGui(self, caller=None, event=None) -> None:
+        """Enables what can be used now and says why Apply is not available."""
+        parameters = self._parameterNode
+        if parameters is None:
+            return
+        running = self.logic.isRunning
+        reason = None
+        if not parameters.fixedVolume or not parameters.movingVolume:
+            reason = _("Select a fixed and a moving volume.")
+        elif parameters.fixedVolume == parameters.movingVolume:
+            reason = _("The fixed and the moving volume must be different volumes.")
+        else:
+            try:
+                mode = libraryModeName(parameters)
+                # the intensity baseline is always there: no need to import the backend to know it
+                available = self.logic.availableModes() if mode != "intensity" else None
+                if available is not None and mode not in available:
+                    reason = _("Mode '{mode}' is not available in this version: use the intensity baseline.").format(mode=mode)
+            except ValueError as error:
+                reason = str(error)
+        same = parameters.mode == RegistrationMode.SAME
+        self.ui.sameStagesGroupBox.enabled = same and not running
+        self.ui.weightsPathLineEdit.enabled = same and not running
+        self.ui.inverseTransformSelector.enabled = False  # TVF mode: not available in this version
+        self.ui.gridSpacingSpinBox.enabled = parameters.showGrid
+        self.ui.modeDescriptionLabel.text = {
+            RegistrationMode.INTENSITY: _("Initial alignment, affine and diffeomorphic deformable stages on intensities."),
+            RegistrationMode.SAME: self.sameDescription() if same else "",
+            RegistrationMode.TVF: _("Time-dependent velocity fields with inverse: not available in this version."),
+        }[parameters.mode]
+        for widget in (self.ui.inputsCollapsibleButton, self.ui.methodCollapsibleButton, self.ui.outputsCollapsibleButton):
+            widget.enabled = not running
+        if running:
+            self.ui.applyButton.text = _("Cancel")
+            self.ui.applyButton.toolTip = _("Stop the registration (no output is changed).")
+            self.ui.applyButton.enabled = True
+        else:
+            self.ui.applyButton.text = _("Apply")
+            self.ui.applyButton.toolTip = reason or _("Run the registration.")
+            self.ui.applyButton.enabled = reason is None
+
+    def sameDescription(self) -> str:
+        available = self.logic.availableModes()
+        stages = {"affine": _("SAM-affine"), "coarse": _("SAM-affine + SAM-coarse"), "same": _("all three stages")}
+        if available is None:
+            return _("Self-supervised anatomical embeddings (available stages are known once PyTorch is installed).")
+        offered = [label for mode, label in stages.items() if mode in available]
+        return _("Self-supervised anatomical embeddings. Available: {stages}.").format(
+            stages=", ".join(offered) if offered else _("none in this version"))
+
+    def appendLog(self, text: str) -> None:
+        self.ui.logTextEdit.appendPlainText(text)
+
+    def onApplyButton(self) -> None:
+        if self.logic.isRunning:
+            self.logic.cancel()  # reports a "finished" event with state "cancelled"
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the registration."), waitCursor=True):
+            if not self.logic.ensureDependencies(askUser=True):
+                return
+            parameters = self._parameterNode
+            warning = self.logic.preflight(parameters)
+            if warning:
+                if not slicer.util.confirmYesNoDisplay(warning + "\n\n" + _("Run on the CPU instead?")):
+                    return
+                parameters.device = Device.CPU
+            self.ui.logTextEdit.clear()
+            self.ui.progressBar.value = 0
+            self.ui.progressBar.show()
+            self.ui.statusLabel.text = _("Starting...")
+            self.logic.process(parameters, waitForCompletion=False)
+            self.updateGui()
+
+    def onRegistrationEvent(self, event: dict) -> None:
+        kind = event.get("event")
+        if kind == "progress":
+            self.ui.progressBar.value = int(round(100 * event["overall_fraction"]))
+            self.ui.progressBar.format = f"%p%  {event['stage']}"
+            self.ui.statusLabel.text = _("Stage {index}/{count}: {stage}  {message}").format(
+                index=event["stage_index"] + 1, count=event["stage_count"], stage=event["stage"], message=event["message"])
+        elif kind in ("log", "warning", "error", "started", "note"):
+            self.appendLog(event.get("message") or f"{kind}: {event}")
+        elif kind == "finished":
+            self.ui.progressBar.hide()
+            if event["state"] == "completed":
+                self.ui.statusLabel.text = _("Done.")
+                for line in self.logic.resultReport():
+                    self.appendLog(line)
+            elif event["state"] == "cancelled":
+                self.ui.statusLabel.text = _("Cancelled: no output was changed.")
+                self.appendLog(self.ui.statusLabel.text)
+            else:
+                self.ui.statusLabel.text = _("Failed: {error}").format(error=event.get("error"))
+                slicer.util.errorDisplay(_("Registration failed: {error}").format(error=event.get("error")))
+            self.updateGui()
+
+
+#
+# Logic
+#
+class SAMERegistrationLogic(ScriptedLoadableModuleLogic):
+    """Runs registrations of MRML nodes; usable from scripts:
+
+    >>> logic = SAMERegistrationLogic()
+    >>> parameters = logic.getParameterNode()
+    >>> parameters.fixedVolume, parameters.movingVolume = fixed, moving
+    >>> logic.process(parameters, waitForCompletion=True)   # fills parameters.outputTransform ...
+    """
+
+    POLL_INTERVAL_MS = 100
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.onEvent = None
+        self.run = None
+        self._timer = None
+        self._parameters = None
+        self._availableModes = None
+
+    def getParameterNode(self):
+        return SAMERegistrationParameterNode(super().getParameterNode())
+
+    @property
+    def isRunning(self) -> bool:
+        return self.run is not None and self.run.running
+
+    # ------------------------------------------------------------------ dependencies and devices
+    @staticmethod
+    def missingDependencies() -> list:
+        import importlib.util
+
+        missing = [] if importlib.util.find_spec("torch") else [f"torch>={MINIMUM_TORCH_VERSION}"]
+        missing += [req for module, req in OTHER_REQUIREMENTS.items() if importlib.util.find_spec(module) is None]
+        return missing
+
+    def ensureDependencies(self, askUser: bool = True) -> bool:
+        """Installs PyTorch (through the PyTorch extension's PyTorchUtils, CUDA or CPU build) and the
+        other requirements, after asking the user once. Slicer's own SimpleITK and numpy are kept.
+
+        Returns False when the user declined. Raises RuntimeError when PyTorchUtils is missing.
+        """
+        missing = self.missingDependencies()
+        if not missing:
+            self._checkTorchVersion()
+            return True
+        if askUser and not slicer.app.commandOptions().testingEnabled:
+            if not slicer.util.confirmOkCancelDisplay(
+                    _("SAME Registration needs these Python packages, which will be downloaded and installed now "
+                      "(a few minutes; PyTorch picks a GPU build when it finds an NVIDIA driver):\n\n{packages}")
+                    .format(packages="\n".join(missing))):
+                return False
+        if any(item.startswith("torch") for item in missing):
+            try:
+                import PyTorchUtils
+            except ModuleNotFoundError as error:
+                raise RuntimeError(_("This module needs the PyTorch extension: install 'PyTorch' from the Extensions "
+                                     "Manager, restart Slicer, then try again.")) from error
+            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                askConfirmation=False, torchVersionRequirement=f">={MINIMUM_TORCH_VERSION}")
+            if torch is None:
+                raise RuntimeError(_("PyTorch could not be installed: see the PyTorch Utils module."))
+        for module, requirement in OTHER_REQUIREMENTS.items():
+            if requirement in missing:
+                slicer.util.pip_install(requirement)  # no dependencies of its own: numpy/SimpleITK untouched
+        self._checkTorchVersion()
+        return True
+
+    @staticmethod
+    def _checkTorchVersion() -> None:
+        import torch
+
+        installed = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+        required = tuple(int(part) for part in MINIMUM_TORCH_VERSION.split("."))
+        if installed < required:
+            raise RuntimeError(_("PyTorch {installed} is too old: {required} or newer is needed; update it in the "
+                                 "PyTorch Utils module.").format(installed=torch.__version__, required=MINIMUM_TORCH_VERSION))
+
+    def deviceDescription(self) -> str:
+        """The GPU PyTorch sees (without installing anything), for the device selector."""
+        if self.missingDependencies():
+            return _("PyTorch is not installed yet: it is installed at the first Apply.")
+        import torch
+
+        if not torch.cuda.is_available():
+            return _("No CUDA GPU found: the CPU is used ({threads} threads).").format(threads=torch.get_num_threads())
+        props = torch.cuda.get_device_properties(0)
+        return _("GPU: {name}, {memory:.0f} GiB").format(name=props.name, memory=props.total_memory / 2**30)
+
+    def availableModes(self):
+        """The backend's available mode names, or None while PyTorch is not installed."""
+        if self._availableModes is None and not self.missingDependencies():
+            _importLibrary()
+            from SAMERegistrationLib.modes import AVAILABLE_MODES
+
+            self._availableModes = tuple(AVAILABLE_MODES)
+        return self._availableModes
+
+    def preflight(self, parameters) -> Optional[str]:
+        """A warning when the images will not fit in the chosen GPU's memory (None when fine)."""
+        if parameters.device == Device.CPU:
+            return None
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        mrml = _importLibrary()
+        from SAMERegistrationLib.errors import InputError
+        from SAMERegistrationLib.registration import check_memory
+
+        try:
+            check_memory(mrml.volume_grid(parameters.fixedVolume), mrml.volume_grid(parameters.movingVolume),
+                         parameters.preset.value, torch.device("cuda"))
+        except InputError as error:
+            return _("The images will probably not fit in GPU memory: {error}").format(error=error)
+        return None
+
+    @staticmethod
+    def pythonExecutable() -> str:
+        """Slicer's own Python (PythonSlicer), which sees the same packages as Slicer."""
+        return shutil.which("PythonSlicer") or sys.executable
+
+    # ------------------------------------------------------------------ running
+    def process(self, parameters, waitForCompletion: bool = True, timeout: Optional[float] = None):
+        """Registers ``parameters.movingVolume`` to ``parameters.fixedVolume``.
+
+        With ``waitForCompletion`` it blocks and returns the filled output nodes (scripts, tests);
+        otherwise it returns at once, a QTimer polls the worker and ``onEvent`` receives its events.
+        Output nodes created here are stored in ``parameters`` so that the next run replaces them.
+
+        Raises:
+            ValueError: unusable inputs (nothing is started).
+            RuntimeError: the registration failed (blocking mode).
+        """
+        if self.isRunning:
+            raise RuntimeError(_("A registration is already running."))
+        mrml = _importLibrary()
+        inputs = mrml.RegistrationInputs(
+            fixed=parameters.fixedVolume, moving=parameters.movingVolume,
+            fixed_segmentation=parameters.fixedSegmentation, moving_segmentation=parameters.movingSegmentation,
+            fixed_mask=parameters.fixedMask, initial_transform=parameters.initialTransform)
+        outputs = mrml.RegistrationOutputs(
+            transform=parameters.outputTransform, affine=parameters.outputAffine, warped=parameters.warpedVolume,
+            jacobian=parameters.jacobianVolume, warped_segmentation=parameters.warpedSegmentation)
+        request = {"mode": libraryModeName(parameters), "device": parameters.device.value,
+                   "options": {"spacing": parameters.preset.value}}
+        weights = str(parameters.customWeights)
+        if request["mode"] != "intensity" and weights not in ("", "."):
+            request["sam_weights"] = weights
+        self._parameters = parameters
+        self.run = mrml.NodeRegistration(inputs, outputs, request, python=self.pythonExecutable(),
+                                         work_dir=slicer.app.temporaryPath).start()
+        logging.info(f"SAMERegistration: started worker process {self.run.worker.process.pid}")
+        for note in self.run.log:
+            self._emit({"event": "note", "message": note})
+        if waitForCompletion:
+            return self.run.wait(timeout, on_event=self._handle)
+        self._timer = qt.QTimer()
+        self._timer.setInterval(self.POLL_INTERVAL_MS)
+        self._timer.timeout.connect(self._poll)
+        self._timer.start()
+        return None
+
+    def waitForCompletion(self, timeout: Optional[float] = None):
+        """Blocks until a run started with ``waitForCompletion=False`` ends; returns its output nodes."""
+        if self._timer is not None:
+            self._timer.stop()
+        if self.run is None:
+            return None
+        return self.run.wait(timeout, on_event=self._handle)
+
+    def cancel(self) -> None:
+        """Kills the worker process tree: no output node is created or changed."""
+        if self._timer is not None:
+            self._timer.stop()
+        if self.run is not None and self.run.running:
+            self.run.cancel()
+            self._emit({"event": "finished", "state": "cancelled", "error": "cancelled"})
+
+    def _poll(self) -> None:
+        for event in self.run.poll():
+            self._handle(event)
+
+    def _handle(self, event: dict) -> None:
+        if event.get("event") == "finished":
+            if self._timer is not None:
+                self._timer.stop()
+            if event["state"] == "completed":
+                self._storeOutputs()
+        self._emit(event)
+
+    def _emit(self, event: dict) -> None:
+        if self.onEvent is not None:
+            self.onEvent(event)
+
+    def _storeOutputs(self) -> None:
+        """Keeps the output nodes in the parameter node and shows the result."""
+        mrml = _importLibrary()
+        result, parameters = self.run.result, self._parameters
+        parameters.outputTransform = result.transform
+        parameters.warpedVolume = result.warped
+        parameters.jacobianVolume = result.jacobian
+        if result.warped_segmentation is not None:
+            parameters.warpedSegmentation = result.warped_segmentation
+        mrml.show_results(slicer.mrmlScene, parameters.fixedVolume, result.warped, result.transform,
+                          overlay=parameters.showOverlay, grid=parameters.showGrid,
+                          grid_spacing_mm=parameters.gridSpacing)
+        if parameters.showOverlay and slicer.app.layoutManager() is not None:
+            slicer.util.resetSliceViews()
+
+    def resultReport(self) -> list:
+        """Lines for the log: time, folding, Dice."""
+        summary = self.run.summary if self.run is not None else None
+        if not summary:
+            return []
+        jacobian = summary.get("jacobian", {})
+        lines = [_("Registered in {seconds:.1f} s on {device} ({mode}).").format(
+            seconds=summary.get("registration_seconds", 0.0), device=summary.get("device"), mode=summary.get("mode"))]
+        for stage in summary.get("stages", []):
+            lines.append(f"  {stage['name']}: {stage['seconds']:.1f} s")
+        if jacobian:
+            lines.append(_("Jacobian inside the body: {fold:.3f} % folded voxels (J <= 0), std(J) {std:.3f}, "
+                           "range {low:.2f} to {high:.2f}.").format(
+                fold=jacobian["percent_nonpositive"], std=jacobian["std_jacobian"],
+                low=jacobian.get("min_jacobian", float("nan")), high=jacobian.get("max_jacobian", float("nan"))))
+        dice = summary.get("dice")
+        if dice:
+            lines.append(_("Mean Dice over {count} segments: {before:.3f} before, {after:.3f} after.").format(
+                count=dice["labels_compared"], before=dice["mean_before_registration"], after=dice["mean"]))
+        return lines
+
+
+#
+# Test
+#
+class SAMERegistrationTest(ScriptedLoadableModuleTest):
+    """Runs a real small registration on the CPU with the logic (blocking path) and checks the outputs."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_registration_of_a_known_deformation()
+
+    def test_registration_of_a_known_deformation(self):
+        import numpy as np
+
+        logic = SAMERegistrationLogic()
+        if not logic.ensureDependencies(askUser=False):
+            self.fail("dependencies missing")
+        mrml = _importLibrary()
+        from SAMERegistrationLib.image import Image
+        from SAMERegistrationLib.preprocess import body_mask
+        from SAMERegistrationLib.spatial.warp import resample_image
+        from SAMERegistrationLib.synthetic import make_synthetic_pair
+
+        import SimpleITK as sitk
+        import torch
+
+        self.delayDisplay("Making a small CT pair with a known deformation")
+        torso = _resourcePath("SampleData/patientA_torso_ct.nii.gz")
+        source = Image.from_sitk(sitk.ReadImage(torso))
+        small_grid = source.grid.with_spacing(8.0)
+        fixed_image = resample_image(source, small_grid, fill=-1024.0)
+        pair = make_synthetic_pair(fixed_image, translation_mm=(30.0, -15.0, 10.0), field_amplitude_mm=4.0)
+        fixed = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "fixed")
+        moving = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "moving")
+        mrml.image_to_volume(pair.fixed, fixed)
+        mrml.image_to_volume(pair.moving, moving)
+        movingBefore = slicer.util.arrayFromVolume(moving).copy()
+
+        parameters = logic.getParameterNode()
+        parameters.fixedVolume, parameters.movingVolume = fixed, moving
+        parameters.device = Device.CPU
+        parameters.preset = Preset.FAST
+        self.delayDisplay("Registering (CPU)")
+        result = logic.process(parameters, waitForCompletion=True, timeout=600)
+
+        self.assertIsNotNone(result.transform)
+        self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(moving), movingBefore), "moving volume modified")
+        self.assertIsNone(moving.GetParentTransformNode())
+        body = body_mask(pair.fixed, True).data.bool()
+        points = pair.fixed.grid.world_points(dtype=torch.float64)[body]
+        mapped = torch.from_numpy(mrml.map_points_lps(result.transform, points.numpy()))
+        error = (pair.psi.map_points(mapped) - points).norm(dim=-1)
+        before = (pair.psi.map_points(points) - points).norm(dim=-1)
+        self.delayDisplay(f"median error {float(before.median()):.1f} mm before, {float(error.median()):.1f} mm after")
+        self.assertLess(float(error.median()), 0.25 * float(before.median()))
+        self.assertEqual(slicer.util.arrayFromVolume(result.warped).shape, slicer.util.arrayFromVolume(fixed).shape)
+        self.delayDisplay("Test passed")

@@ -1,0 +1,709 @@
+"""The bridge between Slicer's MRML nodes and the library: volumes, segmentations, transforms.
+
+Everything that touches a node lives here, so it is tested without the Slicer application
+(pip ``slicer-core``). ``slicer`` and ``vtk`` are imported inside the functions: importing this
+module needs neither.
+
+Conventions (see :mod:`SAMERegistrationLib.spatial.grid`): the library works in LPS mm with arrays
+indexed ``[k, j, i]``; Slicer nodes are RAS. Every conversion below goes through
+:meth:`Grid.index_to_world_ras`, :meth:`Grid.from_index_to_world_ras` or :data:`LPS_TO_RAS`.
+Transforms map *fixed* points to *moving* points, which is Slicer's "FromParent" direction: a
+moving volume placed under the result transform node lines up with the fixed volume.
+
+Outputs in MRML (see :class:`NodeRegistration`):
+
+* the whole result as a grid transform node (FromParent displacement ``phi(x) - x`` on the fixed
+  image's working grid, RAS): it saves as a standard ITK displacement field;
+* the affine part alone as a linear transform node (FromParent);
+* the warped moving volume and the Jacobian determinant map on the fixed volume's grid, the
+  Jacobian with a blue-white-red colour table centred on 1;
+* the warped segmentation: every segment of the moving segmentation with its name, colour and
+  terminology, on the fixed volume's geometry.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .spatial.grid import LPS_TO_RAS, Grid
+
+JACOBIAN_COLOR_NODE_NAME = "SAMERegistration Jacobian"
+"""Name of the procedural colour node shared by every Jacobian map of a scene."""
+JACOBIAN_COLOR_POINTS = (
+    (0.0, (0.02, 0.19, 0.38)),
+    (0.5, (0.26, 0.58, 0.76)),
+    (1.0, (0.97, 0.97, 0.97)),
+    (1.5, (0.84, 0.38, 0.30)),
+    (2.0, (0.40, 0.00, 0.05)),
+)
+"""Diverging colour map of the Jacobian determinant: (J, RGB). J = 1 (volume kept) is white,
+compression blue, expansion red; values below 0 (folding) take the darkest blue."""
+JACOBIAN_WINDOW = (2.0, 1.0)
+"""(window, level) of the Jacobian display: J in [0, 2] spans the colour map, 1 at its centre."""
+
+
+# --------------------------------------------------------------------------------------- geometry
+def _lps_to_ras_4x4() -> np.ndarray:
+    matrix = np.eye(4)
+    matrix[:3, :3] = LPS_TO_RAS
+    return matrix
+
+
+def _vtk_matrix(array: np.ndarray):
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    for row in range(4):
+        for col in range(4):
+            matrix.SetElement(row, col, float(array[row, col]))
+    return matrix
+
+
+def _numpy_matrix(matrix) -> np.ndarray:
+    return np.array([[matrix.GetElement(row, col) for col in range(4)] for row in range(4)])
+
+
+def volume_grid(node) -> Grid:
+    """The :class:`Grid` (LPS mm) of a volume node, from its IJKToRAS matrix and image dimensions.
+
+    Raises:
+        ValueError: the node holds no image data.
+    """
+    import vtk
+
+    image = node.GetImageData() if node is not None else None
+    if image is None:
+        raise ValueError(f"volume_grid(): node {node.GetName() if node else None!r} holds no image data")
+    dims = image.GetDimensions()
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(ijk_to_ras)
+    return Grid.from_index_to_world_ras((dims[2], dims[1], dims[0]), _numpy_matrix(ijk_to_ras))
+
+
+def volume_to_image(node, dtype=None):
+    """A copy of a scalar volume node as a library :class:`~SAMERegistrationLib.image.Image`.
+
+    The node's own coordinates are used (a parent transform is not applied).
+
+    Args:
+        node: a ``vtkMRMLScalarVolumeNode`` (or labelmap volume node).
+        dtype: torch dtype of the result; default float32.
+    """
+    import slicer
+    import torch
+
+    from .image import Image
+
+    array = np.array(slicer.util.arrayFromVolume(node), copy=True)
+    if array.ndim != 3:
+        raise ValueError(f"volume_to_image(): {node.GetName()!r} is not a scalar volume (array shape {array.shape})")
+    tensor = torch.from_numpy(np.ascontiguousarray(array)).to(dtype or torch.float32)
+    return Image(tensor, volume_grid(node))
+
+
+def image_to_volume(image, node, dtype=np.float32) -> None:
+    """Replaces a volume node's voxels and geometry by those of a library image (node's
+    display and storage nodes are kept)."""
+    import slicer
+
+    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(image.numpy().astype(dtype, copy=False)))
+    node.SetIJKToRASMatrix(_vtk_matrix(image.grid.index_to_world_ras()))
+    node.Modified()
+
+
+def affine_ras(affine_lps: np.ndarray) -> np.ndarray:
+    """A 4x4 LPS affine (points to points) expressed in RAS."""
+    flip = _lps_to_ras_4x4()
+    return flip @ np.asarray(affine_lps, dtype=float) @ flip
+
+
+def set_linear_transform(node, affine_lps: np.ndarray) -> None:
+    """Sets a linear transform node's FromParent matrix to a fixed -> moving LPS affine."""
+    node.SetMatrixTransformFromParent(_vtk_matrix(affine_ras(affine_lps)))
+
+
+def set_grid_transform(node, displacement, grid: Grid) -> None:
+    """Sets a grid transform node's FromParent transform to a displacement field.
+
+    Args:
+        node: a ``vtkMRMLGridTransformNode``.
+        displacement: ``(3, D, H, W)`` LPS mm vectors on ``grid`` (torch tensor or numpy array):
+            fixed point ``x`` maps to ``x + displacement(x)``.
+        grid: the field's grid (any direction and spacing).
+    """
+    import slicer
+    import vtk
+    from vtk.util import numpy_support
+
+    vectors = np.asarray(displacement.detach().cpu().numpy() if hasattr(displacement, "detach") else displacement,
+                         dtype=np.float64)
+    if vectors.shape != (3, *grid.shape):
+        raise ValueError(f"set_grid_transform(): displacement shape {vectors.shape} does not match (3, *{grid.shape})")
+    ras = np.einsum("rc,c...->...r", LPS_TO_RAS, vectors)  # (D, H, W, 3), i fastest like VTK
+    image = vtk.vtkImageData()
+    image.SetDimensions(grid.size_ijk)
+    image.SetSpacing(grid.spacing)
+    ijk_to_ras = grid.index_to_world_ras()
+    image.SetOrigin(tuple(ijk_to_ras[:3, 3]))
+    data = numpy_support.numpy_to_vtk(np.ascontiguousarray(ras.reshape(-1, 3)), deep=True, array_type=vtk.VTK_DOUBLE)
+    data.SetNumberOfComponents(3)
+    image.GetPointData().SetScalars(data)
+    direction = np.eye(4)
+    direction[:3, :3] = ijk_to_ras[:3, :3] / np.asarray(grid.spacing)
+    transform = slicer.vtkOrientedGridTransform()
+    transform.SetDisplacementGridData(image)
+    transform.SetGridDirectionMatrix(_vtk_matrix(direction))
+    transform.SetInterpolationModeToLinear()
+    node.SetAndObserveTransformFromParent(transform)
+
+
+def map_points_ras(node, points_ras: np.ndarray) -> np.ndarray:
+    """Maps RAS points ``(N, 3)`` through a transform node's FromParent transform (fixed -> moving),
+    including its parent transforms (world -> node)."""
+    import slicer
+    import vtk
+
+    transform = vtk.vtkGeneralTransform()
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(None, node, transform)
+    return np.array([transform.TransformPoint(*map(float, p)) for p in np.asarray(points_ras)])
+
+
+def map_points_lps(node, points_lps: np.ndarray) -> np.ndarray:
+    """Like :func:`map_points_ras` for LPS points ``(N, 3)`` (result in LPS): a transform node's
+    fixed -> moving mapping in the library's frame."""
+    return map_points_ras(node, np.asarray(points_lps, dtype=float) @ LPS_TO_RAS.T) @ LPS_TO_RAS.T
+
+
+def write_transform_node(node, path: str | os.PathLike) -> None:
+    """Writes a transform node (its FromParent transform, as ITK expects) to an ITK transform file.
+
+    Raises:
+        RuntimeError: the file could not be written.
+    """
+    scene = node.GetScene()
+    with _temporary_nodes(scene):
+        storage = scene.AddNewNodeByClass("vtkMRMLTransformStorageNode")
+        storage.SetFileName(str(path))
+        if not storage.WriteData(node):
+            raise RuntimeError(f"write_transform_node(): cannot write {node.GetName()!r} to {path}")
+
+
+# --------------------------------------------------------------------------------------- segmentations
+@contextmanager
+def _temporary_nodes(scene):
+    """Removes every node added to ``scene`` inside the block (temporary labelmaps and the display
+    and colour nodes Slicer adds for them), except the scene's subject hierarchy."""
+    before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    try:
+        yield
+    finally:
+        added = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+        for node in added:
+            if node.GetID() not in before and not node.IsA("vtkMRMLSubjectHierarchyNode"):
+                scene.RemoveNode(node)
+
+
+@dataclass(frozen=True)
+class SegmentLabel:
+    """One segment written into a label map: its label value and what to restore afterwards."""
+
+    value: int
+    segment_id: str
+    name: str
+    color: tuple[float, float, float]
+
+
+def segmentation_to_labels(segmentation_node, reference_volume, segment_ids: list[str] | None = None,
+                           values: dict[str, int] | None = None):
+    """Segments of a segmentation node as a label map on a reference volume's grid.
+
+    Args:
+        segmentation_node: the segmentation (not modified).
+        reference_volume: the volume whose grid the labels are written on.
+        segment_ids: which segments, in order; default all.
+        values: label value per segment name; default 1, 2, ... in order. Segments whose name is not
+            in ``values`` get values after the largest given one.
+
+    Returns:
+        ``(labels, table)``: an int64 library :class:`Image` on the reference grid and the
+        :class:`SegmentLabel` of each segment. Where segments overlap, the later one wins (a
+        warning says how many voxels).
+    """
+    import slicer
+    import torch
+    import vtk
+
+    from .image import Image
+
+    segmentation = segmentation_node.GetSegmentation()
+    ids = list(segment_ids) if segment_ids is not None else [segmentation.GetNthSegmentID(i)
+                                                             for i in range(segmentation.GetNumberOfSegments())]
+    grid = volume_grid(reference_volume)
+    labels = np.zeros(grid.shape, dtype=np.int64)
+    table: list[SegmentLabel] = []
+    next_value = max(values.values(), default=0) + 1 if values else 1
+    scene = segmentation_node.GetScene()
+    overlap = 0
+    with _temporary_nodes(scene):
+        temporary = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__SAMERegistration_temp__")
+        for segment_id in ids:
+            segment = segmentation.GetSegment(segment_id)
+            if segment is None:
+                raise ValueError(f"segmentation_to_labels(): {segmentation_node.GetName()!r} has no segment {segment_id!r}")
+            name = segment.GetName()
+            if values and name in values:
+                value = values[name]
+            else:
+                value, next_value = next_value, next_value + 1
+            single = vtk.vtkStringArray()
+            single.InsertNextValue(segment_id)
+            if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+                    segmentation_node, single, temporary, reference_volume):
+                raise RuntimeError(f"segmentation_to_labels(): segment {name!r} cannot be exported")
+            mask = slicer.util.arrayFromVolume(temporary) > 0
+            if mask.shape != labels.shape:
+                raise RuntimeError(f"segmentation_to_labels(): segment {name!r} exported with shape {mask.shape}, "
+                                   f"expected {labels.shape}")
+            overlap += int((mask & (labels > 0)).sum())
+            labels[mask] = value
+            table.append(SegmentLabel(value, segment_id, name, tuple(segment.GetColor())))
+    if overlap:
+        warnings.warn(f"segmentation {segmentation_node.GetName()!r}: segments overlap in {overlap} voxels; "
+                      "each such voxel is kept in the last segment only", stacklevel=2)
+    return Image(torch.from_numpy(labels), grid), table
+
+
+def labels_to_segmentation(labels, table: list[SegmentLabel], segmentation_node, reference_volume,
+                           source_node=None) -> None:
+    """Replaces the segments of ``segmentation_node`` by one segment per entry of ``table``.
+
+    Args:
+        labels: int library :class:`Image` on ``reference_volume``'s grid.
+        table: which value becomes which segment (name and colour).
+        segmentation_node: the output node; its previous segments are removed.
+        reference_volume: the volume that defines the labels' grid (becomes the segmentation's
+            reference geometry).
+        source_node: the segmentation ``table`` was made from; when given, each segment's metadata
+            (name, colour, terminology tags) is copied from it.
+    """
+    import slicer
+
+    scene = segmentation_node.GetScene()
+    if segmentation_node.GetDisplayNode() is None:
+        segmentation_node.CreateDefaultDisplayNodes()
+    segmentation = segmentation_node.GetSegmentation()
+    source = source_node.GetSegmentation() if source_node is not None else None
+    present = [entry for entry in table if bool((labels.data == entry.value).any())]
+    with _temporary_nodes(scene):
+        colors = scene.AddNewNodeByClass("vtkMRMLColorTableNode", "__SAMERegistration_temp_colors__")
+        colors.SetTypeToUser()
+        colors.SetNumberOfColors(max([entry.value for entry in table], default=0) + 1)
+        colors.SetColor(0, "Background", 0.0, 0.0, 0.0, 0.0)
+        for entry in table:  # unique names: segment names may repeat
+            colors.SetColor(entry.value, f"__label_{entry.value}", *entry.color, 1.0)
+        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__SAMERegistration_temp__")
+        kept = np.where(np.isin(labels.numpy(), [entry.value for entry in present]), labels.numpy(), 0)
+        slicer.util.updateVolumeFromArray(labelmap, kept.astype(np.uint16))
+        labelmap.SetIJKToRASMatrix(_vtk_matrix(labels.grid.index_to_world_ras()))
+        labelmap.CreateDefaultDisplayNodes()
+        labelmap.GetDisplayNode().SetAndObserveColorNodeID(colors.GetID())
+        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
+        segmentation.RemoveAllSegments()
+        if present and not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
+                labelmap, segmentation_node):
+            raise RuntimeError("labels_to_segmentation(): importing the warped labels failed")
+    imported = {segmentation.GetNthSegment(i).GetName(): segmentation.GetNthSegmentID(i)
+                for i in range(segmentation.GetNumberOfSegments())}
+    for entry in table:  # in the input's order; a segment the warp lost stays, empty
+        segment_id = imported.get(f"__label_{entry.value}") or segmentation.AddEmptySegment("", entry.name, entry.color)
+        segment = segmentation.GetSegment(segment_id)
+        if source is not None and source.GetSegment(entry.segment_id) is not None:
+            segment.DeepCopyMetadata(source.GetSegment(entry.segment_id))
+        else:
+            segment.SetName(entry.name)
+            segment.SetColor(*entry.color)
+
+
+# --------------------------------------------------------------------------------------- display
+def jacobian_color_node(scene):
+    """The scene's procedural colour node for Jacobian maps (created once, see JACOBIAN_COLOR_POINTS)."""
+    import slicer
+
+    existing = scene.GetFirstNodeByName(JACOBIAN_COLOR_NODE_NAME)
+    if existing is not None and existing.IsA("vtkMRMLProceduralColorNode"):
+        return existing
+    node = slicer.vtkMRMLProceduralColorNode()
+    node.SetName(JACOBIAN_COLOR_NODE_NAME)
+    node.SetAttribute("Category", "SAMERegistration")
+    function = node.GetColorTransferFunction()
+    function.RemoveAllPoints()
+    for value, rgb in JACOBIAN_COLOR_POINTS:
+        function.AddRGBPoint(value, *rgb)
+    function.ClampingOn()
+    scene.AddNode(node)
+    return node
+
+
+def show_jacobian(node) -> None:
+    """Displays a Jacobian map with the diverging colour table, J = 1 at its centre."""
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
+    display = node.GetDisplayNode()
+    display.SetAndObserveColorNodeID(jacobian_color_node(node.GetScene()).GetID())
+    display.AutoWindowLevelOff()
+    display.SetWindowLevel(*JACOBIAN_WINDOW)
+
+
+def copy_volume_display(source, target) -> None:
+    """Gives ``target`` the window/level and colour table of ``source`` (when it has a display node)."""
+    if target.GetDisplayNode() is None:
+        target.CreateDefaultDisplayNodes()
+    source_display, display = source.GetDisplayNode(), target.GetDisplayNode()
+    if source_display is None:
+        return
+    display.SetAndObserveColorNodeID(source_display.GetColorNodeID())
+    display.AutoWindowLevelOff()
+    display.SetWindowLevel(source_display.GetWindow(), source_display.GetLevel())
+
+
+def show_results(scene, fixed, warped=None, transform=None, overlay: bool = True, grid: bool = True,
+                 grid_spacing_mm: float = 15.0, opacity: float = 0.5) -> None:
+    """What a user sees after a registration: the fixed volume in the background of every slice
+    view with the warped volume over it at ``opacity``, and the transform's deformed grid (spacing
+    ``grid_spacing_mm``, over the fixed volume) in the slice views. Either part is optional."""
+    import slicer
+
+    if overlay:
+        for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+            composite = scene.GetNthNodeByClass(index, "vtkMRMLSliceCompositeNode")
+            composite.SetBackgroundVolumeID(fixed.GetID())
+            composite.SetForegroundVolumeID(warped.GetID() if warped is not None else None)
+            composite.SetForegroundOpacity(opacity if warped is not None else 0.0)
+    if transform is not None:
+        if transform.GetDisplayNode() is None:
+            transform.CreateDefaultDisplayNodes()
+        display = transform.GetDisplayNode()
+        display.SetVisualizationMode(slicer.vtkMRMLTransformDisplayNode.VIS_MODE_GRID)
+        display.SetGridSpacingMm(grid_spacing_mm)
+        display.SetAndObserveRegionNode(fixed)
+        display.SetVisibility2D(grid)
+        display.SetVisibility3D(False)
+        display.SetVisibility(grid)
+
+
+# --------------------------------------------------------------------------------------- a whole run
+@dataclass
+class RegistrationInputs:
+    """The nodes a registration reads (never modified).
+
+    Attributes:
+        fixed, moving: scalar volume nodes.
+        fixed_segmentation: optional; segments named like the moving ones are compared (Dice).
+        moving_segmentation: optional; warped onto the fixed volume.
+        fixed_mask: optional segmentation node; the union of its segments limits the similarity.
+        initial_transform: optional transform node mapping fixed to moving (FromParent), e.g. the
+            transform a user put the moving volume under to align it by hand.
+    """
+
+    fixed: object
+    moving: object
+    fixed_segmentation: object = None
+    moving_segmentation: object = None
+    fixed_mask: object = None
+    initial_transform: object = None
+
+
+@dataclass
+class RegistrationOutputs:
+    """The nodes a registration fills (content replaced); empty ones are created as needed
+    (``affine`` only when given).
+
+    Attributes:
+        transform: ``vtkMRMLGridTransformNode``: the whole result (FromParent displacement field).
+        affine: ``vtkMRMLLinearTransformNode``: the affine part alone.
+        warped: scalar volume: the moving volume on the fixed grid.
+        jacobian: scalar volume: det(d phi / dx) on the fixed grid.
+        warped_segmentation: segmentation: the moving segments on the fixed geometry.
+    """
+
+    transform: object = None
+    affine: object = None
+    warped: object = None
+    jacobian: object = None
+    warped_segmentation: object = None
+
+
+@dataclass
+class PreparedInputs:
+    """Input files written for the worker and what is needed to read its outputs back."""
+
+    files: dict[str, str]
+    segment_table: list[SegmentLabel] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _check_not_transformed(node, role: str) -> None:
+    if node is not None and node.GetParentTransformNode() is not None:
+        raise ValueError(f"{role} {node.GetName()!r} is under the transform {node.GetParentTransformNode().GetName()!r}: "
+                         "harden the transform (Data module) or remove it first")
+
+
+def write_inputs(inputs: RegistrationInputs, folder: str | os.PathLike) -> PreparedInputs:
+    """Writes the input nodes as files the backend reads (NRRD, ITK transform) into ``folder``.
+
+    A moving volume placed under a (non-nested) transform is registered from that transform when no
+    initial transform is given. Raises ValueError for inputs that cannot be used as they are.
+    """
+    import SimpleITK as sitk
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if inputs.fixed is None or inputs.moving is None:
+        raise ValueError("select both a fixed and a moving volume")
+    if inputs.fixed is inputs.moving:
+        raise ValueError("the fixed and the moving volume are the same node: select two different volumes")
+    prepared = PreparedInputs(files={})
+    _check_not_transformed(inputs.fixed, "fixed volume")
+    for node, role in ((inputs.fixed_segmentation, "fixed segmentation"), (inputs.fixed_mask, "fixed mask")):
+        _check_not_transformed(node, role)
+    initial = inputs.initial_transform
+    parent = inputs.moving.GetParentTransformNode()
+    if parent is not None:
+        if initial is not None and initial is not parent:
+            raise ValueError(f"moving volume {inputs.moving.GetName()!r} is under the transform {parent.GetName()!r} "
+                             f"and the initial transform is {initial.GetName()!r}: use one of them")
+        if parent.GetParentTransformNode() is not None:
+            raise ValueError(f"moving volume {inputs.moving.GetName()!r} is under nested transforms: harden them first")
+        initial = parent
+        prepared.notes.append(f"moving volume is under {parent.GetName()!r}: used as the initial transform")
+    if initial is not None and initial.GetParentTransformNode() is not None:
+        raise ValueError(f"initial transform {initial.GetName()!r} is under another transform: harden it first")
+    if inputs.moving_segmentation is not None and inputs.moving_segmentation.GetParentTransformNode() is not parent:
+        raise ValueError(f"moving segmentation {inputs.moving_segmentation.GetName()!r} must be under the same "
+                         "transform as the moving volume (or both under none)")
+
+    def write(image, name: str, pixel=None) -> str:
+        path = folder / name
+        sitk.WriteImage(image.to_sitk(pixel), str(path), useCompression=False)
+        return str(path)
+
+    prepared.files["fixed"] = write(volume_to_image(inputs.fixed), "fixed.nrrd")
+    prepared.files["moving"] = write(volume_to_image(inputs.moving), "moving.nrrd")
+    if inputs.moving_segmentation is not None:
+        labels, table = segmentation_to_labels(inputs.moving_segmentation, inputs.moving)
+        prepared.segment_table = table
+        prepared.files["moving_labels"] = write(labels, "moving_labels.nrrd", sitk.sitkUInt16)
+        if inputs.fixed_segmentation is not None:
+            fixed_labels, _ = segmentation_to_labels(inputs.fixed_segmentation, inputs.fixed,
+                                                     values={entry.name: entry.value for entry in table})
+            prepared.files["fixed_labels"] = write(fixed_labels, "fixed_labels.nrrd", sitk.sitkUInt16)
+    if inputs.fixed_mask is not None:
+        from .image import Image
+
+        mask, _ = segmentation_to_labels(inputs.fixed_mask, inputs.fixed)
+        mask = Image((mask.data > 0).long(), mask.grid)
+        prepared.files["fixed_mask"] = write(mask, "fixed_mask.nrrd", sitk.sitkUInt8)
+    if initial is not None:
+        path = folder / "initial_transform.h5"
+        write_transform_node(initial, path)
+        prepared.files["initial_transform"] = str(path)
+    return prepared
+
+
+def _new_node(scene, class_name: str, name: str):
+    node = scene.AddNewNodeByClass(class_name, scene.GenerateUniqueName(name))
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def load_outputs(outdir: str | os.PathLike, summary: dict, inputs: RegistrationInputs,
+                 outputs: RegistrationOutputs, segment_table: list[SegmentLabel]) -> RegistrationOutputs:
+    """Reads a finished output folder into the output nodes (creating the missing ones).
+
+    Nothing is created or changed before every file has been read.
+    """
+    import SimpleITK as sitk
+
+    from .export import read_initial_transform
+    from .image import Image
+    from .outputs import AFFINE_FILE, JACOBIAN_FILE, TRANSFORM_FILE, WARPED_FILE, WARPED_LABELS_FILE
+
+    outdir = Path(outdir)
+    fixed_grid = volume_grid(inputs.fixed)
+    field_grid = fixed_grid.with_spacing(float(summary["working_spacing_mm"]))
+    whole = read_initial_transform(outdir / TRANSFORM_FILE, field_grid)
+    if whole.field is None:
+        whole_field = whole.displacement_on(field_grid)
+    else:
+        whole_field = whole.field
+    affine = read_initial_transform(outdir / AFFINE_FILE, field_grid).affine if (outdir / AFFINE_FILE).is_file() else None
+    warped = Image.from_sitk(sitk.ReadImage(str(outdir / WARPED_FILE)))
+    jacobian = Image.from_sitk(sitk.ReadImage(str(outdir / JACOBIAN_FILE)))
+    labels = None
+    if segment_table and (outdir / WARPED_LABELS_FILE).is_file():
+        import torch
+
+        labels = Image.from_sitk(sitk.ReadImage(str(outdir / WARPED_LABELS_FILE)), dtype=torch.int64)
+    for image, what in ((warped, "warped volume"), (jacobian, "Jacobian map"), (labels, "warped labels")):
+        if image is not None and not image.grid.same_as(fixed_grid):
+            raise RuntimeError(f"load_outputs(): the {what} is not on the fixed volume's grid")
+    # exactly the fixed geometry (the files store it in single precision)
+    warped, jacobian = Image(warped.data, fixed_grid), Image(jacobian.data, fixed_grid)
+    labels = None if labels is None else Image(labels.data, fixed_grid)
+
+    scene = inputs.fixed.GetScene()
+    moving_name = inputs.moving.GetName()
+    result = RegistrationOutputs(**vars(outputs))
+    if result.transform is None:
+        result.transform = _new_node(scene, "vtkMRMLGridTransformNode", f"{moving_name} registration")
+    set_grid_transform(result.transform, whole_field, field_grid)
+    if result.affine is not None and affine is not None:
+        set_linear_transform(result.affine, affine)
+    if result.warped is None:
+        result.warped = _new_node(scene, "vtkMRMLScalarVolumeNode", f"{moving_name} registered")
+    image_to_volume(warped, result.warped)
+    copy_volume_display(inputs.moving, result.warped)
+    if result.jacobian is None:
+        result.jacobian = _new_node(scene, "vtkMRMLScalarVolumeNode", f"{moving_name} Jacobian")
+    image_to_volume(jacobian, result.jacobian)
+    show_jacobian(result.jacobian)
+    if labels is not None:
+        if result.warped_segmentation is None:
+            result.warped_segmentation = _new_node(scene, "vtkMRMLSegmentationNode",
+                                                   f"{inputs.moving_segmentation.GetName()} registered")
+        labels_to_segmentation(labels, segment_table, result.warped_segmentation, result.warped,
+                               source_node=inputs.moving_segmentation)
+    return result
+
+
+class NodeRegistration:
+    """One registration of MRML nodes run by a worker process.
+
+    ``start()`` writes the inputs to a temporary folder and starts the worker; ``poll()`` (from a
+    timer) returns new events and, once the worker has succeeded, loads the outputs into the nodes
+    (so nodes change only when the whole result is there); ``wait()`` blocks until the end;
+    ``cancel()`` kills the worker: no node is created or changed. The temporary folder is removed
+    at the end either way (unless ``keep_files``).
+
+    Args:
+        inputs, outputs: the nodes.
+        request: extra request fields for the worker (``mode``, ``device``, ``options`` ...).
+        python: the worker's Python executable (in Slicer ``PythonSlicer``).
+        work_dir: parent folder of the temporary folder.
+    """
+
+    def __init__(self, inputs: RegistrationInputs, outputs: RegistrationOutputs, request: dict | None = None,
+                 python: str | None = None, work_dir: str | os.PathLike | None = None, keep_files: bool = False) -> None:
+        self.inputs, self.outputs = inputs, outputs
+        self.request = dict(request or {})
+        self.python, self.work_dir, self.keep_files = python, work_dir, keep_files
+        self.state = "new"  # new, running, completed, failed, cancelled
+        self.summary: dict | None = None
+        self.error: str | None = None
+        self.error_kind: str | None = None
+        self.result: RegistrationOutputs | None = None
+        self.log: list[str] = []
+        self.folder: Path | None = None
+        self.worker = None
+        self._prepared: PreparedInputs | None = None
+
+    def start(self) -> NodeRegistration:
+        from .worker import WorkerProcess
+
+        self.folder = Path(tempfile.mkdtemp(prefix="SAMERegistration-", dir=self.work_dir))
+        try:
+            self._prepared = write_inputs(self.inputs, self.folder / "inputs")
+        except BaseException:
+            self._cleanup()
+            raise
+        self.log.extend(self._prepared.notes)
+        request = {"overview": False, **self.request, **self._prepared.files, "output_dir": str(self.folder / "outputs")}
+        self.worker = WorkerProcess(request, self.folder / "request.json", python=self.python).start()
+        self.state = "running"
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+    def poll(self) -> list[dict]:
+        """New events (see :mod:`SAMERegistrationLib.worker`); when the worker has ended, finishes
+        the run (outputs loaded, or ``error`` set) and adds a final ``{"event": "finished"}``."""
+        if self.state != "running":
+            return []
+        events = self.worker.poll()
+        for event in events:
+            kind = event.get("event")
+            if kind == "summary":
+                self.summary = event["summary"]
+            elif kind == "error":
+                self.error, self.error_kind = event.get("message"), event.get("kind")
+            elif kind in ("log", "warning"):
+                self.log.append(event.get("message", ""))
+        if self.worker.finished():
+            events += self.worker.poll()
+            self._finish()
+            events.append({"event": "finished", "state": self.state, "error": self.error})
+        return events
+
+    def wait(self, timeout: float | None = None, on_event=None) -> RegistrationOutputs:
+        """Blocks until the run ends; returns the filled output nodes.
+
+        Raises:
+            RuntimeError: the run failed or was cancelled (message from the worker).
+            TimeoutError: ``timeout`` seconds passed (the worker is killed).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.state == "running":
+            for event in self.poll():
+                if on_event is not None:
+                    on_event(event)
+            if self.state == "running":
+                if deadline is not None and time.monotonic() > deadline:
+                    self.cancel()
+                    raise TimeoutError(f"registration did not finish within {timeout:g} s")
+                time.sleep(0.05)
+        if self.state != "completed":
+            raise RuntimeError(self.error or f"registration {self.state}")
+        return self.result
+
+    def cancel(self) -> None:
+        """Kills the worker's process tree; no output node is created or changed."""
+        if self.state != "running":
+            return
+        self.worker.cancel()
+        self.worker.wait()
+        self.state = "cancelled"
+        self.error, self.error_kind = "registration cancelled", "cancelled"
+        self._cleanup()
+
+    def _finish(self) -> None:
+        try:
+            if self.worker.killed:
+                self.state = "cancelled"
+            elif self.worker.returncode == 0 and self.summary is not None:
+                self.result = load_outputs(self.folder / "outputs", self.summary, self.inputs, self.outputs,
+                                           self._prepared.segment_table)
+                self.state = "completed"
+            else:
+                self.state = "cancelled" if self.error_kind == "cancelled" else "failed"
+                if self.error is None:
+                    tail = " | ".join(self.log[-5:])
+                    self.error = f"the registration process ended with code {self.worker.returncode}: {tail}"
+        except Exception as error:  # noqa: BLE001 - reported as the run's error
+            self.state, self.error = "failed", f"loading the results failed: {type(error).__name__}: {error}"
+        finally:
+            self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self.folder is not None and not self.keep_files:
+            shutil.rmtree(self.folder, ignore_errors=True)
