@@ -200,9 +200,10 @@ def write_transform(transform: SpatialTransform, path: str | os.PathLike) -> Non
 def read_initial_transform(path: str | os.PathLike, reference_grid: Grid) -> SpatialTransform:
     """Reads an ITK transform file (fixed LPS -> moving LPS) as a :class:`SpatialTransform`.
 
-    Linear transforms (including composites of linear ones) become an affine. Any other transform
-    (displacement field, B-spline, composites with such parts) is sampled at the voxel centres of
-    ``reference_grid`` into a displacement field on that grid, with an identity affine.
+    Linear transforms (including composites of linear ones) become an affine. A displacement field,
+    alone or applied before linear parts (the form :func:`write_transform` writes), is taken over
+    exactly on its own grid. Any other transform (B-spline, other composites) is sampled at the
+    voxel centres of ``reference_grid`` into a displacement field on that grid.
 
     Args:
         path: ``.tfm``, ``.txt``, ``.mat`` or ``.h5`` ITK transform file.
@@ -223,8 +224,35 @@ def read_initial_transform(path: str | os.PathLike, reference_grid: Grid) -> Spa
         raise InputError(f"initial transform {source}: is {transform.GetDimension()}-D: a 3-D transform is needed")
     if transform.IsLinear():
         return SpatialTransform.from_affine(affine_from_sitk(transform))
+    exact = _field_then_linear(transform)
+    if exact is not None:
+        return exact
     field = _sample_displacement(transform, reference_grid)
     return SpatialTransform(np.eye(4), field, reference_grid)
+
+
+def _field_then_linear(transform: sitk.Transform) -> SpatialTransform | None:
+    """The exact :class:`SpatialTransform` of a displacement field applied first, then linear parts
+    (a lone field, or a composite whose last added transform is the field); None otherwise."""
+    if transform.GetName() == "CompositeTransform":
+        composite = sitk.CompositeTransform(transform)
+        parts = [composite.GetNthTransform(i) for i in range(composite.GetNumberOfTransforms())]
+    else:
+        parts = [transform]
+    *linear, last = parts
+    if last.GetName() != "DisplacementFieldTransform" or not all(part.IsLinear() for part in linear):
+        return None
+    field_image = sitk.DisplacementFieldTransform(last).GetDisplacementField()
+    grid = Grid.create(field_image.GetSize()[::-1], field_image.GetSpacing(), field_image.GetOrigin(),
+                       field_image.GetDirection())
+    field = torch.movedim(torch.from_numpy(sitk.GetArrayFromImage(field_image)).float(), -1, 0).contiguous()
+    affine = np.eye(4)
+    if linear:
+        chain = sitk.CompositeTransform(3)
+        for part in linear:
+            chain.AddTransform(part)
+        affine = affine_from_sitk(chain)
+    return SpatialTransform(affine, field, grid)
 
 
 def _sample_displacement(transform: sitk.Transform, grid: Grid) -> torch.Tensor:
