@@ -26,8 +26,6 @@ from SAMERegistrationLib.spatial.grid import Grid
 from SAMERegistrationLib.synthetic import make_synthetic_pair
 
 REPO = Path(__file__).resolve().parents[1]
-MATCH_MEDIAN_BOUND_MM = 0.0  # set from the measurement of the shipped weights
-MATCH_WITHIN_10MM_FRACTION = 1.0
 TORSO = REPO / "Resources" / "SampleData" / "patientA_torso_ct.nii.gz"
 
 
@@ -36,7 +34,8 @@ def cropped_torso(size_mm: float = 150.0) -> Image:
     torso = read_image(TORSO)
     centre = torso.grid.centre_world()
     count = int(size_mm / 3.0)
-    grid = Grid.create((count,) * 3, (3.0,) * 3, centre - (count - 1) * 1.5, torso.grid.direction_matrix)
+    direction = torso.grid.direction_matrix
+    grid = Grid.create((count,) * 3, (3.0,) * 3, centre - direction @ np.full(3, (count - 1) * 1.5), direction)
     from SAMERegistrationLib.spatial.warp import resample_image
 
     return resample_image(torso, grid, fill=-1024.0)
@@ -116,32 +115,44 @@ def test_matching_an_image_into_itself_returns_the_query_points():
     index = torch.stack([torch.randint(2, n - 2, (50,), generator=generator) for n in grid.size_ijk], -1).double()
     matrix = torch.as_tensor(grid.index_to_world())
     points = (index @ matrix[:3, :3].T + matrix[:3, 3]).float()
-    exact = match_points(embeddings, embeddings, points, subvoxel=False)
-    error = (exact.points - points).norm(dim=-1)
-    # Every match reaches the best possible score; an untrained network has a few exact ties
-    # (featureless regions), so the location is exact for nearly all points, not necessarily all.
+    # Searching around the true position isolates the geometry: every point comes back exactly.
+    exact = match_points(embeddings, embeddings, points, subvoxel=False, search_centres=points)
+    assert float((exact.points - points).norm(dim=-1).max()) < 1e-3
     assert float(exact.score.min()) > 0.999
-    assert float((error < 1e-3).float().mean()) >= 0.9
-    refined = match_points(embeddings, embeddings, points, subvoxel=True)
+    # The coarse-to-fine search over the whole image finds nearly all of them with an untrained
+    # network (a few near-ties in featureless regions can win).
+    searched = match_points(embeddings, embeddings, points, subvoxel=False, cycle_tolerance_mm=0.01)
+    found = (searched.points - points).norm(dim=-1) < 1e-3
+    assert float(found.float().mean()) >= 0.9
+    assert bool((searched.consistent | ~found).all())
+    refined = match_points(embeddings, embeddings, points, subvoxel=True, search_centres=points)
     half_voxel = grid.spacing[0] / 2 * 3**0.5
     moved = (refined.points - exact.points).norm(dim=-1)
     assert float(moved.max()) <= half_voxel + 1e-3
 
 
-@pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="shipped SAM weights are added by the training commit")
 def test_shipped_weights_match_points_under_a_known_deformation():
+    """The bundled torso (a training volume) under an 8 degree rotation, anisotropic scaling, a
+    translation and a 6 mm smooth field; 300 random body points matched without any filter, and
+    the confident (score >= 0.7), cycle-consistent subset that the SAM stages use.
+
+    Measured with the shipped weights: all points median 3.4 mm, 71 % within 10 mm; confident and
+    consistent (62 % of points) median 2.2 mm, 94 % within 10 mm."""
     model = load_sam()
-    fixed = cropped_torso(210.0)
+    fixed = read_image(TORSO)
     pair = make_synthetic_pair(fixed, rotation_deg=(0.0, 0.0, 8.0), scale=(1.05, 0.95, 1.0),
                                translation_mm=(30.0, -20.0, 10.0), field_amplitude_mm=6.0, seed=3)
     working = to_working_grid(fixed, 2.0, is_ct=True)
     body = working.grid.world_points()[body_mask(working, is_ct=True).data.bool()]
     points = body[torch.randperm(len(body), generator=torch.Generator().manual_seed(0))[:300]]
-    matches = match_points(embed(pair.fixed, model), embed(pair.moving, model), points)
+    matches = match_points(embed(pair.fixed, model), embed(pair.moving, model), points, cycle_tolerance_mm=8.0)
     error = (pair.psi.map_points(matches.points.double()).float() - points).norm(dim=-1)
-    # Measured with the shipped weights: see Resources/Models/sam_small.md.
-    assert float(error.median()) < MATCH_MEDIAN_BOUND_MM
-    assert float((error < 10.0).float().mean()) > MATCH_WITHIN_10MM_FRACTION
+    assert float(error.median()) < 5.0
+    assert float((error < 10.0).float().mean()) > 0.6
+    confident = (matches.score >= 0.7) & matches.consistent
+    assert float(confident.float().mean()) > 0.4
+    assert float(error[confident].median()) < 3.5
+    assert float((error[confident] < 10.0).float().mean()) > 0.85
 
 
 def test_two_process_data_parallel_training_and_resume(tmp_path):
