@@ -53,6 +53,9 @@ set(SAMERegistrationLib_PYTHON_SCRIPTS
 set(SAMERegistration_PYTHON_RESOURCES
   Resources/Icons/SAMERegistration.png
   Resources/Models/sam_small.md
+  Resources/Models/sam_small.pt
+  Resources/Models/sam_small.pt.sha256
+  Resources/Models/sam_small_train_log.jsonl
   Resources/SampleData/README.md
   Resources/SampleData/label_names.json
   Resources/SampleData/patientA_abdomen_ct.nii.gz

@@ -540,11 +540,9 @@ def load_outputs(outdir: str | os.PathLike, summary: dict, inputs: RegistrationI
     outdir = Path(outdir)
     fixed_grid = volume_grid(inputs.fixed)
     field_grid = fixed_grid.with_spacing(float(summary["working_spacing_mm"]))
-    whole = read_initial_transform(outdir / TRANSFORM_FILE, field_grid)
-    if whole.field is None:
-        whole_field = whole.displacement_on(field_grid)
-    else:
-        whole_field = whole.field
+    # phi(x) - x of the whole result (affine included) at the working grid's voxel centres: exact,
+    # because transform.h5 keeps its field on that grid
+    whole_field = read_initial_transform(outdir / TRANSFORM_FILE, field_grid).displacement_on(field_grid)
     affine = read_initial_transform(outdir / AFFINE_FILE, field_grid).affine if (outdir / AFFINE_FILE).is_file() else None
     warped = Image.from_sitk(sitk.ReadImage(str(outdir / WARPED_FILE)))
     jacobian = Image.from_sitk(sitk.ReadImage(str(outdir / JACOBIAN_FILE)))
