@@ -59,6 +59,11 @@ class Progress:
         if self._callback is not None:
             self._callback(ProgressEvent(self._stage, self._index, self._count, fraction, message))
 
+    def child(self) -> Progress:
+        """A Progress for work run inside this stage (same callback and cancel) whose recorded
+        details stay separate, e.g. a fallback's stages."""
+        return Progress(self._stage, self._index, self._count, self._callback, self._cancel)
+
     def check_cancelled(self) -> None:
         if self._cancel is not None and self._cancel.is_set():
             raise RegistrationCancelled(f"registration cancelled during stage '{self._stage}'")

@@ -99,4 +99,7 @@ class SAMAffine(Stage):
                    reason: str) -> SpatialTransform:
         warnings.warn(f"SAM-affine: {reason}: falling back to the intensity initial alignment and affine", stacklevel=2)
         progress.record("fallback", reason)
-        return IntensityAffine().run(problem, InitialAlignment().run(problem, transform, progress), progress)
+        fallback = progress.child()
+        result = IntensityAffine().run(problem, InitialAlignment().run(problem, transform, fallback), fallback)
+        progress.record("fallback_details", fallback.details)
+        return result

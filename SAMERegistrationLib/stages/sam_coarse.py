@@ -6,8 +6,9 @@ re-embedded, so corresponding anatomy is now close by; the fixed grid points are
 sparse displacements, and a displacement field on a coarse control grid is fitted to them by
 minimising a robust (Charbonnier) point distance plus a bending-energy penalty, then densified
 trilinearly. The paper fitted a similar grid with a small diffusion weight and got its least smooth
-result (std J 0.40); here the smoothness weight is larger, the point term is robust and the
-displacement is further limited to ``max_displacement_mm``.
+result (std J 0.40); here the smoothness weight is larger and the point term is robust. When
+fewer than ``min_confident_fraction`` of the points match confidently (the images are not yet
+aligned, e.g. SAM-coarse without an affine start), the stage adds no deformation.
 """
 
 from __future__ import annotations
@@ -42,13 +43,14 @@ class SAMCoarse(Stage):
         smoothness_weight: weight of the bending energy (per mm^2 of the control grid).
         iterations: Adam iterations of the fit.
         max_points: at most this many grid points are re-matched.
+        min_confident_fraction: below this share of confident matches no deformation is added.
     """
 
     name = "sam-coarse"
 
     def __init__(self, model: SAMNet, stride: int = 5, score_threshold: float = 0.7, cycle_tolerance_mm: float = 6.0,
                  window_mm: float = 12.0, control_spacing_mm: float = 16.0, smoothness_weight: float = 2000.0,
-                 iterations: int = 200, max_points: int = 10000) -> None:
+                 iterations: int = 200, max_points: int = 10000, min_confident_fraction: float = 0.2) -> None:
         self.model = model
         self.stride = stride
         self.score_threshold = score_threshold
@@ -58,6 +60,7 @@ class SAMCoarse(Stage):
         self.smoothness_weight = smoothness_weight
         self.iterations = iterations
         self.max_points = max_points
+        self.min_confident_fraction = min_confident_fraction
 
     def run(self, problem: RegistrationProblem, transform: SpatialTransform, progress: Progress) -> SpatialTransform:
         progress.update(0.05, "embedding the fixed image")
@@ -73,8 +76,9 @@ class SAMCoarse(Stage):
         keep = (matches.score >= self.score_threshold) & matches.consistent
         progress.record("grid_points", len(points))
         progress.record("confident_matches", int(keep.sum()))
-        if int(keep.sum()) < 10:
-            progress.record("note", "too few confident matches: no coarse deformation")
+        if int(keep.sum()) < max(10, self.min_confident_fraction * len(points)):
+            progress.record("note", f"too few confident matches ({int(keep.sum())} of {len(points)}): "
+                                    "no coarse deformation (are the images affinely aligned?)")
             return transform
         displacement = self._fit(points[keep], (matches.points - points)[keep], grid, progress)
         return transform.then_residual(displacement, grid)
