@@ -42,6 +42,7 @@ from SAMERegistrationLib.preprocess import body_mask
 from SAMERegistrationLib.registration import RegistrationRequest, register_files
 from SAMERegistrationLib.spatial.warp import resample_labels
 from SAMERegistrationLib.synthetic import SyntheticPair, make_synthetic_pair
+from sample_cases import small_torso, threshold_labels
 
 REPO = Path(__file__).resolve().parent.parent
 TORSO = REPO / "Resources" / "SampleData" / "patientA_torso_ct.nii.gz"
@@ -59,28 +60,6 @@ ALL_STAGES = ["initial-alignment", "intensity-affine", "intensity-deformable"]
 
 
 # ----------------------------------------------------------------------------------- data
-def small_torso() -> Image:
-    """The torso CT (HU) resampled to 6 mm voxels and cropped around its body centroid (40x32x16)."""
-    source = sitk.ReadImage(str(TORSO))
-    full = Image.from_sitk(source)
-    centre_ijk = torch.nonzero(body_mask(full, True).data).double().mean(0).flip(0).numpy()
-    centre = full.grid.index_to_world()[:3, :3] @ centre_ijk + full.grid.index_to_world()[:3, 3]
-    size = [int(round(extent / VOXEL_MM)) for extent in CROP_MM]
-    direction = np.array(source.GetDirection()).reshape(3, 3)
-    origin = centre - direction @ ((np.array(size) - 1) * VOXEL_MM / 2.0)
-    small = sitk.Resample(source, size, sitk.Transform(), sitk.sitkLinear, tuple(map(float, origin)),
-                          (VOXEL_MM,) * 3, source.GetDirection(), -1024.0, sitk.sitkFloat32)
-    return Image.from_sitk(small)
-
-
-def threshold_labels(image: Image) -> Image:
-    """1 = bone (> 200 HU), 2 = other soft tissue (> -200 HU), 0 elsewhere."""
-    labels = torch.zeros(image.grid.shape, dtype=torch.int64)
-    labels[image.data > -200.0] = 2
-    labels[image.data > 200.0] = 1
-    return Image(labels, image.grid)
-
-
 def file_state(*paths: Path) -> dict[str, tuple[bytes, int]]:
     """Bytes and modification time of each file, to prove inputs are left untouched."""
     return {str(p): (p.read_bytes(), p.stat().st_mtime_ns) for p in paths}
@@ -102,7 +81,7 @@ class Inputs:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> Inputs:
     folder = tmp_path_factory.mktemp("cli_inputs")
-    fixed = small_torso()
+    fixed = small_torso(VOXEL_MM, CROP_MM)
     pair = make_synthetic_pair(fixed, translation_mm=(60.0, -20.0, 10.0), field_amplitude_mm=4.0)
     labels = threshold_labels(fixed)
     moving_labels = resample_labels(labels, pair.moving.grid, pair.psi)
@@ -468,7 +447,7 @@ def test_cancel_during_the_affine_stage_leaves_no_outputs(inputs, tmp_path):
 def test_console_script_registers_scans_that_do_not_overlap(tmp_path):
     """Scans 400 mm apart along S share no physical space: that is normal input (exit 0, low error).
     Runs the real entry point in a subprocess so the exit code reaches the shell."""
-    fixed = small_torso()
+    fixed = small_torso(VOXEL_MM, CROP_MM)
     pair = make_synthetic_pair(fixed, rotation_deg=(0.0, 0.0, 0.0), scale=(1.0, 1.0, 1.0),
                                translation_mm=(0.0, 0.0, 400.0), field_amplitude_mm=2.0)
     fixed_z, moving_z = fixed.grid.corners_world()[:, 2], pair.moving.grid.corners_world()[:, 2]

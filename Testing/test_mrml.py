@@ -18,7 +18,7 @@ import SimpleITK as sitk
 import slicer  # pip slicer-core (test extra, installed by scripts/setup_env.sh)
 import torch
 
-from slicer_test_data import FAST_OPTIONS, LABEL_NAMES, tiny_pair
+from sample_cases import FAST_OPTIONS, LABEL_NAMES, tiny_pair
 
 from SAMERegistrationLib import mrml
 from SAMERegistrationLib.export import read_initial_transform, write_affine

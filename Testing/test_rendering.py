@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from slicer_test_data import FAST_OPTIONS, LABEL_NAMES, REPO, tiny_pair  # noqa: E402
+from sample_cases import FAST_OPTIONS, LABEL_NAMES, REPO, tiny_pair  # noqa: E402
 
 from SAMERegistrationLib import mrml  # noqa: E402
 from SAMERegistrationLib.image import Image  # noqa: E402

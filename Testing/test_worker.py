@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import SimpleITK as sitk
 
-from slicer_test_data import FAST_OPTIONS, write_tiny_pair
+from sample_cases import FAST_OPTIONS, write_tiny_pair
 
 from SAMERegistrationLib.outputs import (
     AFFINE_FILE, DISPLACEMENT_FILE, JACOBIAN_FILE, SUMMARY_FILE, TRANSFORM_FILE, WARPED_FILE, WARPED_LABELS_FILE,

@@ -32,17 +32,18 @@ busy processes on a 2-core machine run slower), a single 8 mm affine level."""
 LABEL_NAMES = {1: "bone", 2: "soft tissue"}
 
 
-def small_torso() -> Image:
-    """The torso CT (HU) resampled to 8 mm voxels and cropped around its body centroid."""
+def small_torso(voxel_mm: float = VOXEL_MM, crop_mm: tuple[float, float, float] = CROP_MM) -> Image:
+    """The torso CT (HU) resampled to ``voxel_mm`` voxels, cropped to ``crop_mm`` (x, y, z) around
+    its body centroid."""
     source = sitk.ReadImage(str(TORSO))
     full = Image.from_sitk(source)
     centre_ijk = torch.nonzero(body_mask(full, True).data).double().mean(0).flip(0).numpy()
     centre = full.grid.index_to_world()[:3, :3] @ centre_ijk + full.grid.index_to_world()[:3, 3]
-    size = [int(round(extent / VOXEL_MM)) for extent in CROP_MM]
+    size = [int(round(extent / voxel_mm)) for extent in crop_mm]
     direction = np.array(source.GetDirection()).reshape(3, 3)
-    origin = centre - direction @ ((np.array(size) - 1) * VOXEL_MM / 2.0)
+    origin = centre - direction @ ((np.array(size) - 1) * voxel_mm / 2.0)
     small = sitk.Resample(source, size, sitk.Transform(), sitk.sitkLinear, tuple(map(float, origin)),
-                          (VOXEL_MM,) * 3, source.GetDirection(), -1024.0, sitk.sitkFloat32)
+                          (voxel_mm,) * 3, source.GetDirection(), -1024.0, sitk.sitkFloat32)
     return Image.from_sitk(small)
 
 
