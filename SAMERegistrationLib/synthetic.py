@@ -74,3 +74,10 @@ def make_synthetic_pair(fixed: Image, rotation_deg=(0.0, 0.0, 5.0), scale=(1.05,
     psi = SpatialTransform(affine, field.float(), moving_grid)
     moving = resample_image(fixed, moving_grid, psi, fill=fill)
     return SyntheticPair(fixed, moving, psi)
+
+
+def with_contrast_change(image: Image, gain: float = 1.1, offset_hu: float = 30.0, noise_hu: float = 20.0,
+                         seed: int = 0) -> Image:
+    """``gain * I + offset_hu`` plus Gaussian noise of ``noise_hu`` (a contrast-phase-like change)."""
+    noise = torch.randn(image.data.shape, generator=torch.Generator().manual_seed(seed))
+    return Image(image.data * gain + offset_hu + noise_hu * noise, image.grid)

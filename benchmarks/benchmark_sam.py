@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import os
 import platform
@@ -49,7 +48,8 @@ from SAMERegistrationLib.sam.embedding import DEFAULT_WEIGHTS, Embeddings, embed
 from SAMERegistrationLib.sam.matching import MatchTarget, match_points
 from SAMERegistrationLib.sam.network import SAMConfig, SAMNet
 from SAMERegistrationLib.spatial.sampling import sample_at_points
-from SAMERegistrationLib.synthetic import SyntheticPair, make_synthetic_pair
+from SAMERegistrationLib.sam.embedding import sha256_file
+from SAMERegistrationLib.synthetic import SyntheticPair, make_synthetic_pair, with_contrast_change
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPOSITORY.parent / "shared" / "data" / "ct"
@@ -70,14 +70,6 @@ START = time.perf_counter()
 
 
 # ------------------------------------------------------------------------------------------- setup
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_weights(path: Path) -> tuple[SAMNet, str]:
     """Shipped weights (``.sha256`` beside them, via :func:`load_sam`) or a training checkpoint."""
     if path.with_suffix(path.suffix + ".sha256").is_file() or not path.is_file():
@@ -118,9 +110,7 @@ def synthetic_pairs(path: Path) -> tuple[Image, list[tuple[str, SyntheticPair, I
         pair = make_synthetic_pair(fixed, seed=seed, **SYNTHETIC)
         moving = pair.moving
         if contrast:
-            gain, offset, sigma = CONTRAST
-            noise = torch.randn(moving.data.shape, generator=torch.Generator().manual_seed(100 + seed))
-            moving = Image(moving.data * gain + offset + sigma * noise, moving.grid)
+            moving = with_contrast_change(moving, *CONTRAST, seed=100 + seed)
         pairs.append((name, pair, moving))
     return fixed, pairs
 
@@ -334,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
               f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
               f"- machine: {machine()}; load average at start {os.getloadavg()[0]:.1f}",
               f"- torch {torch.__version__}, {args.threads} threads, CPU",
-              f"- SAM weights: `{args.weights.name}` SHA-256 {sha256(args.weights)[:12]} ({provenance}); "
+              f"- SAM weights: `{args.weights.name}` SHA-256 {sha256_file(args.weights)[:12]} ({provenance}); "
               f"{parameters / 1e6:.2f} M parameters; config {model.config.as_dict()}",
               f"- MIND-SSC baseline: {asdict(mind_config)} (SAMERegistrationLib/descriptors/mind.py)",
               "- matching: `match_points` defaults for both (top 3 coarse candidates, "

@@ -56,7 +56,7 @@ import SimpleITK as sitk
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark_sam import load_weights, machine, sha256  # noqa: E402  (sibling benchmark script)
+from benchmark_sam import load_weights, machine  # noqa: E402  (sibling benchmark script)
 
 from SAMERegistrationLib.image import Image  # noqa: E402
 from SAMERegistrationLib.io import read_image, read_labels  # noqa: E402
@@ -77,7 +77,8 @@ from SAMERegistrationLib.stages.initial_alignment import InitialAlignment  # noq
 from SAMERegistrationLib.stages.intensity_affine import IntensityAffine  # noqa: E402
 from SAMERegistrationLib.stages.sam_affine import SAMAffine  # noqa: E402
 from SAMERegistrationLib.stages.sam_coarse import SAMCoarse  # noqa: E402
-from SAMERegistrationLib.synthetic import make_synthetic_pair  # noqa: E402
+from SAMERegistrationLib.sam.embedding import sha256_file
+from SAMERegistrationLib.synthetic import make_synthetic_pair  # noqa: E402, with_contrast_change
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPOSITORY.parent / "shared" / "data" / "ct"
@@ -174,9 +175,7 @@ def synthetic_pair(data: Path, name: str, points: int) -> Pair:
     pair = make_synthetic_pair(fixed, seed=seed, **SYNTHETIC)
     moving = pair.moving
     if contrast:
-        gain, offset, sigma = CONTRAST
-        noise = torch.randn(moving.data.shape, generator=torch.Generator().manual_seed(100 + seed))
-        moving = Image(moving.data * gain + offset + sigma * noise, moving.grid)
+        moving = with_contrast_change(moving, *CONTRAST, seed=100 + seed)
     body = body_mask(fixed, is_ct=True)
     voxels = pair.moving.grid.world_points().reshape(-1, 3)
     with torch.no_grad():
@@ -449,7 +448,7 @@ def main(argv: list[str] | None = None) -> None:
               f"- machine: {machine()}; load average at start {os.getloadavg()[0]:.1f}",
               f"- torch {torch.__version__}, {args.threads} threads, device {device}; {elastix}"]
     if model is not None:
-        header.append(f"- SAM weights: `{args.weights}` SHA-256 {sha256(args.weights)[:12]} ({provenance})")
+        header.append(f"- SAM weights: `{args.weights}` SHA-256 {sha256_file(args.weights)[:12]} ({provenance})")
     print("\n".join(header) + "\n", flush=True)
 
     results: dict[str, dict[str, Outcome]] = {}

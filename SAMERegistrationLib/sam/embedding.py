@@ -63,7 +63,7 @@ def save_checkpoint(path: Path, model: SAMNet, **extra) -> str:
     """Writes ``{"config", "state_dict", **extra}`` and ``<path>.sha256``; returns the SHA-256."""
     path = Path(path)
     torch.save({"config": model.config.as_dict(), "state_dict": model.state_dict(), **extra}, path)
-    digest = _sha256(path)
+    digest = sha256_file(path)
     path.with_suffix(path.suffix + ".sha256").write_text(f"{digest}  {path.name}\n")
     return digest
 
@@ -83,7 +83,7 @@ def load_sam(path: Path | str | None = None) -> SAMNet:
         raise InputError(f"SAM weights {path}: no checksum file {checksum_file.name} beside it: "
                          "write its SHA-256 there (sha256sum) to confirm the file is the one you mean")
     expected = checksum_file.read_text().split()[0]
-    actual = _sha256(path)
+    actual = sha256_file(path)
     if actual != expected:
         raise InputError(f"SAM weights {path}: SHA-256 {actual[:12]}... does not match {checksum_file.name} "
                          f"({expected[:12]}...): the file is damaged or was replaced; reinstall or re-download it")
@@ -96,7 +96,8 @@ def load_sam(path: Path | str | None = None) -> SAMNet:
     return model.eval()
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file (read in 1 MiB blocks)."""
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
         for block in iter(lambda: stream.read(1 << 20), b""):
