@@ -27,6 +27,7 @@ import SimpleITK as sitk
 import torch
 
 from .errors import InputError
+from .image import grid_of_sitk, with_grid_geometry
 from .spatial.grid import LPS_TO_RAS, Grid
 from .spatial.transform import SpatialTransform
 
@@ -87,11 +88,7 @@ def displacement_field_image(displacement: torch.Tensor, grid: Grid) -> sitk.Ima
         raise ValueError(f"displacement_field_image(): displacement shape {tuple(displacement.shape)} "
                          f"does not match (3, *{grid.shape})")
     vectors = torch.movedim(displacement.detach().cpu().double(), 0, -1).numpy()
-    image = sitk.GetImageFromArray(np.ascontiguousarray(vectors), isVector=True)
-    image.SetSpacing(grid.spacing)
-    image.SetOrigin(grid.origin)
-    image.SetDirection(tuple(grid.direction_matrix.ravel()))
-    return image
+    return with_grid_geometry(sitk.GetImageFromArray(np.ascontiguousarray(vectors), isVector=True), grid)
 
 
 def write_displacement_field(displacement: torch.Tensor, grid: Grid, path: str | os.PathLike) -> None:
@@ -243,8 +240,7 @@ def _field_then_linear(transform: sitk.Transform) -> SpatialTransform | None:
     if last.GetName() != "DisplacementFieldTransform" or not all(part.IsLinear() for part in linear):
         return None
     field_image = sitk.DisplacementFieldTransform(last).GetDisplacementField()
-    grid = Grid.create(field_image.GetSize()[::-1], field_image.GetSpacing(), field_image.GetOrigin(),
-                       field_image.GetDirection())
+    grid = grid_of_sitk(field_image)
     field = torch.movedim(torch.from_numpy(sitk.GetArrayFromImage(field_image)).float(), -1, 0).contiguous()
     affine = np.eye(4)
     if linear:
@@ -257,10 +253,7 @@ def _field_then_linear(transform: sitk.Transform) -> SpatialTransform | None:
 
 def _sample_displacement(transform: sitk.Transform, grid: Grid) -> torch.Tensor:
     """``transform(x) - x`` at the voxel centres of ``grid``: ``(3, D, H, W)`` float32 LPS mm."""
-    reference = sitk.Image(grid.size_ijk, sitk.sitkUInt8)
-    reference.SetSpacing(grid.spacing)
-    reference.SetOrigin(grid.origin)
-    reference.SetDirection(tuple(grid.direction_matrix.ravel()))
+    reference = with_grid_geometry(sitk.Image(grid.size_ijk, sitk.sitkUInt8), grid)
     sampler = sitk.TransformToDisplacementFieldFilter()
     sampler.SetReferenceImage(reference)
     sampler.SetOutputPixelType(sitk.sitkVectorFloat64)

@@ -15,6 +15,19 @@ import torch
 from .spatial.grid import Grid
 
 
+def grid_of_sitk(image: sitk.Image) -> Grid:
+    """The :class:`Grid` of a 3-D SimpleITK image (ITK size reversed into array order)."""
+    return Grid.create(image.GetSize()[::-1], image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+
+
+def with_grid_geometry(image: sitk.Image, grid: Grid) -> sitk.Image:
+    """Sets ``grid``'s spacing, origin and direction on a SimpleITK image (in place) and returns it."""
+    image.SetSpacing(grid.spacing)
+    image.SetOrigin(grid.origin)
+    image.SetDirection(tuple(grid.direction_matrix.ravel()))
+    return image
+
+
 @dataclass(frozen=True)
 class Image:
     """A scalar 3-D image.
@@ -35,15 +48,11 @@ class Image:
     def from_sitk(image: sitk.Image, dtype: torch.dtype = torch.float32) -> Image:
         """Converts a 3-D scalar SimpleITK image (values copied, geometry kept exactly)."""
         array = sitk.GetArrayFromImage(image)
-        grid = Grid.create(array.shape, image.GetSpacing(), image.GetOrigin(), image.GetDirection())
-        return Image(torch.from_numpy(np.ascontiguousarray(array)).to(dtype), grid)
+        return Image(torch.from_numpy(np.ascontiguousarray(array)).to(dtype), grid_of_sitk(image))
 
     def to_sitk(self, pixel_type: int | None = None) -> sitk.Image:
         """Converts to SimpleITK with the same geometry; ``pixel_type`` e.g. ``sitk.sitkUInt8``."""
-        image = sitk.GetImageFromArray(self.data.detach().cpu().numpy())
-        image.SetSpacing(self.grid.spacing)
-        image.SetOrigin(self.grid.origin)
-        image.SetDirection(tuple(self.grid.direction_matrix.ravel()))
+        image = with_grid_geometry(sitk.GetImageFromArray(self.data.detach().cpu().numpy()), self.grid)
         return image if pixel_type is None else sitk.Cast(image, pixel_type)
 
     def to(self, device: torch.device | str) -> Image:

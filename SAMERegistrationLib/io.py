@@ -18,8 +18,7 @@ import SimpleITK as sitk
 import torch
 
 from .errors import InputError
-from .image import Image
-from .spatial.grid import Grid
+from .image import Image, grid_of_sitk
 from .spatial.warp import resample_labels
 
 _MIN_VOXELS_PER_AXIS = 4
@@ -179,7 +178,7 @@ def _check_shape(image: sitk.Image, path: Path, role: str) -> None:
 def _check_direction(image: sitk.Image, path: Path, role: str) -> None:
     """An orthonormal direction matrix (no shear), as :class:`Grid` requires."""
     try:
-        Grid.create(image.GetSize()[::-1], image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+        grid_of_sitk(image)
     except ValueError as error:
         raise InputError(f"{role} {path}: has a sheared or degenerate voxel grid ({error}): resample it "
                          "onto a grid with orthogonal axes first") from error
@@ -243,8 +242,7 @@ def _labels_on_grid(path: str | os.PathLike, image: Image, role: str) -> Image:
     volume = _read_volume(path, role)
     values = sitk.GetArrayFromImage(volume)
     _check_label_values(values, path, role)
-    labels = Image(torch.from_numpy(values.astype(np.int64)),
-                   Grid.create(values.shape, volume.GetSpacing(), volume.GetOrigin(), volume.GetDirection()))
+    labels = Image(torch.from_numpy(values.astype(np.int64)), grid_of_sitk(volume))
     if labels.grid.same_as(image.grid):
         return Image(labels.data, image.grid)
     if labels.grid.same_voxels_as(image.grid):

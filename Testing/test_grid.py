@@ -6,7 +6,7 @@ import SimpleITK as sitk
 import torch
 
 from SAMERegistrationLib.image import Image
-from SAMERegistrationLib.spatial.grid import Grid, isotropic_levels
+from SAMERegistrationLib.spatial.grid import Grid
 
 
 def rotation(axis, degrees) -> np.ndarray:
@@ -213,11 +213,3 @@ def test_non_orthonormal_direction_with_unit_determinant_is_rejected(direction):
 def test_valid_grid_accepts_a_left_handed_orthonormal_direction():
     grid = Grid.create((4, 4, 5), (1, 1, 1), direction=np.diag([-1.0, 1.0, 1.0]))
     assert np.linalg.det(grid.direction_matrix) == pytest.approx(-1.0)
-
-
-# ------------------------------------------------------------------------------------- pyramid
-def test_isotropic_levels():
-    assert isotropic_levels(2, 8) == [8, 4, 2]
-    assert isotropic_levels(1.5, 7) == [6.0, 3.0, 1.5]
-    assert isotropic_levels(2, 2) == [2]
-    assert isotropic_levels(1, 1.9) == [1]

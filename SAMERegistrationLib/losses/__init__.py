@@ -27,7 +27,6 @@ REGULARIZERS: dict[str, Callable[..., Tensor]] = {
     "tv": total_variation,
     "bending": bending_energy,
 }
-regularizer = REGULARIZERS  # lower-case name used in the integration brief
 
 
 def similarity_loss(name: str, **options) -> Callable[[Tensor, Tensor, Tensor | None], Tensor]:
@@ -65,7 +64,6 @@ __all__ = [
     "local_ncc",
     "mutual_information",
     "ncc",
-    "regularizer",
     "similarity_loss",
     "soft_dice",
     "ssd",

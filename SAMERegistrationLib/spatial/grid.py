@@ -20,7 +20,6 @@ Displacement fields are tensors ``(3, D, H, W)`` holding LPS millimetre vectors 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,11 +78,6 @@ class Grid:
     def size_ijk(self) -> tuple[int, int, int]:
         """Voxel counts in ITK (i, j, k) order, i.e. ``SimpleITK.Image.GetSize()``."""
         return (self.shape[2], self.shape[1], self.shape[0])
-
-    @property
-    def spacing_dhw(self) -> tuple[float, float, float]:
-        """Voxel size in mm in array (D, H, W) order."""
-        return (self.spacing[2], self.spacing[1], self.spacing[0])
 
     @property
     def num_voxels(self) -> int:
@@ -215,9 +209,3 @@ class Grid:
         spacing = ", ".join(f"{s:g}" for s in self.spacing)
         origin = ", ".join(f"{o:.1f}" for o in self.origin)
         return f"{'x'.join(map(str, self.size_ijk))} voxels, spacing ({spacing}) mm, origin ({origin}) mm LPS"
-
-
-def isotropic_levels(finest_spacing: float, coarsest_spacing: float) -> list[float]:
-    """Spacings of a coarse-to-fine pyramid that doubles from ``finest`` up to ``coarsest`` mm."""
-    count = max(1, int(math.floor(math.log2(coarsest_spacing / finest_spacing) + 1e-6)) + 1)
-    return [finest_spacing * 2 ** level for level in reversed(range(count))]
