@@ -96,8 +96,10 @@ intensities, so it copes with large initial misalignment and different patients.
 weights shipped with the extension (checked by checksum) or your own weights file. Limits: trained
 for CT; stage combinations that the installed version does not have yet are reported when chosen
 (the SAM-deformable stage is still to come).</li>
-<li><b>TVF-diffeomorphic</b>: time-dependent velocity fields, invertible by construction (gives
-the inverse transform too). Not available in this version.</li>
+<li><b>TVF-diffeomorphic</b>: SAM-affine, then eight time-dependent velocity fields predicted by a
+network and refined on the pair; smooth and invertible by construction, it gives the inverse
+transform (moving to fixed) too, e.g. to map segmentations both ways. Limits: trained for CT on
+few scans.</li>
 </ul>
 <p><b>Outputs</b>: the whole transform as a grid transform (fixed to moving, so the moving volume
 placed under it lines up with the fixed one; it saves as an ITK displacement field), optionally the
@@ -187,9 +189,10 @@ def libraryModeName(parameters) -> str:
     """
     if parameters.mode == RegistrationMode.SAME:
         stages = (parameters.sameAffineStage, parameters.sameCoarseStage, parameters.sameDeformableStage)
-        names = {(True, False, False): "affine", (True, True, False): "coarse", (True, True, True): "same"}
+        names = {(True, False, False): "affine", (True, True, False): "coarse", (True, True, True): "same",
+                 (True, False, True): "same"}
         if stages not in names:
-            raise ValueError(_("SAME stages: choose SAM-affine alone, SAM-affine + SAM-coarse, or all three"))
+            raise ValueError(_("SAME stages: SAM-affine is always needed; add SAM-coarse and/or SAM-VoxelMorph"))
         return names[stages]
     return parameters.mode.value
 
@@ -281,12 +284,12 @@ class SAMERegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         same = parameters.mode == RegistrationMode.SAME
         self.ui.sameStagesGroupBox.enabled = same and not running
         self.ui.weightsPathLineEdit.enabled = same and not running
-        self.ui.inverseTransformSelector.enabled = False  # TVF mode: not available in this version
+        self.ui.inverseTransformSelector.enabled = parameters.mode == RegistrationMode.TVF and not running
         self.ui.gridSpacingSpinBox.enabled = parameters.showGrid
         self.ui.modeDescriptionLabel.text = {
             RegistrationMode.INTENSITY: _("Initial alignment, affine and diffeomorphic deformable stages on intensities."),
             RegistrationMode.SAME: self.sameDescription() if same else "",
-            RegistrationMode.TVF: _("Time-dependent velocity fields with inverse: not available in this version."),
+            RegistrationMode.TVF: _("SAM-affine, then time-dependent velocity fields; also gives the inverse transform."),
         }[parameters.mode]
         for widget in (self.ui.inputsCollapsibleButton, self.ui.methodCollapsibleButton, self.ui.outputsCollapsibleButton):
             widget.enabled = not running
@@ -500,12 +503,15 @@ class SAMERegistrationLogic(ScriptedLoadableModuleLogic):
             fixed_mask=parameters.fixedMask, initial_transform=parameters.initialTransform)
         outputs = mrml.RegistrationOutputs(
             transform=parameters.outputTransform, affine=parameters.outputAffine, warped=parameters.warpedVolume,
-            jacobian=parameters.jacobianVolume, warped_segmentation=parameters.warpedSegmentation)
+            jacobian=parameters.jacobianVolume, warped_segmentation=parameters.warpedSegmentation,
+            inverse=parameters.inverseTransform if parameters.mode == RegistrationMode.TVF else None)
         request = {"mode": libraryModeName(parameters), "device": parameters.device.value,
                    "options": {"spacing": parameters.preset.value}}
         weights = str(parameters.customWeights)
         if request["mode"] != "intensity" and weights not in ("", "."):
             request["sam_weights"] = weights
+        if request["mode"] == "same":
+            request["sam_coarse"] = parameters.sameCoarseStage
         self._parameters = parameters
         self.run = mrml.NodeRegistration(inputs, outputs, request, python=self.pythonExecutable(),
                                          work_dir=slicer.app.temporaryPath).start()
@@ -561,6 +567,8 @@ class SAMERegistrationLogic(ScriptedLoadableModuleLogic):
         parameters.jacobianVolume = result.jacobian
         if result.warped_segmentation is not None:
             parameters.warpedSegmentation = result.warped_segmentation
+        if result.inverse is not None:
+            parameters.inverseTransform = result.inverse
         mrml.show_results(slicer.mrmlScene, parameters.fixedVolume, result.warped, result.transform,
                           overlay=parameters.showOverlay, grid=parameters.showGrid,
                           grid_spacing_mm=parameters.gridSpacing)

@@ -7,14 +7,30 @@ set(SAMERegistrationLib_PYTHON_SCRIPTS
   SAMERegistrationLib/descriptors/mind.py
   SAMERegistrationLib/errors.py
   SAMERegistrationLib/export.py
+  SAMERegistrationLib/fcn/__init__.py
+  SAMERegistrationLib/fcn/network.py
+  SAMERegistrationLib/fcn/registration.py
+  SAMERegistrationLib/fcn/train.py
   SAMERegistrationLib/image.py
   SAMERegistrationLib/io.py
+  SAMERegistrationLib/learning/__init__.py
+  SAMERegistrationLib/learning/instance_optimisation.py
+  SAMERegistrationLib/learning/multiresolution.py
+  SAMERegistrationLib/learning/objective.py
+  SAMERegistrationLib/learning/pairs.py
+  SAMERegistrationLib/learning/training.py
+  SAMERegistrationLib/learning/training_pairs.py
+  SAMERegistrationLib/learning/weights.py
   SAMERegistrationLib/losses/__init__.py
+  SAMERegistrationLib/losses/deepsim.py
+  SAMERegistrationLib/losses/lddmm.py
   SAMERegistrationLib/losses/regularizers.py
   SAMERegistrationLib/losses/similarity.py
   SAMERegistrationLib/metrics.py
   SAMERegistrationLib/modes.py
   SAMERegistrationLib/mrml.py
+  SAMERegistrationLib/networks/__init__.py
+  SAMERegistrationLib/networks/unet.py
   SAMERegistrationLib/outputs.py
   SAMERegistrationLib/overview.py
   SAMERegistrationLib/pipeline/__init__.py
@@ -27,13 +43,21 @@ set(SAMERegistrationLib_PYTHON_SCRIPTS
   SAMERegistrationLib/registration.py
   SAMERegistrationLib/sam/__init__.py
   SAMERegistrationLib/sam/embedding.py
+  SAMERegistrationLib/sam/features.py
   SAMERegistrationLib/sam/loss.py
   SAMERegistrationLib/sam/matching.py
   SAMERegistrationLib/sam/network.py
   SAMERegistrationLib/sam/train.py
   SAMERegistrationLib/sam/views.py
+  SAMERegistrationLib/sam_voxelmorph/__init__.py
+  SAMERegistrationLib/sam_voxelmorph/network.py
+  SAMERegistrationLib/sam_voxelmorph/train.py
+  SAMERegistrationLib/segmentation/__init__.py
+  SAMERegistrationLib/segmentation/network.py
+  SAMERegistrationLib/segmentation/train.py
   SAMERegistrationLib/spatial/__init__.py
   SAMERegistrationLib/spatial/affine_fit.py
+  SAMERegistrationLib/spatial/fields.py
   SAMERegistrationLib/spatial/grid.py
   SAMERegistrationLib/spatial/integrate.py
   SAMERegistrationLib/spatial/jacobian.py
@@ -46,16 +70,43 @@ set(SAMERegistrationLib_PYTHON_SCRIPTS
   SAMERegistrationLib/stages/intensity_deformable.py
   SAMERegistrationLib/stages/sam_affine.py
   SAMERegistrationLib/stages/sam_coarse.py
+  SAMERegistrationLib/stages/sam_voxelmorph.py
+  SAMERegistrationLib/stages/tvf.py
   SAMERegistrationLib/synthetic.py
+  SAMERegistrationLib/tvf/__init__.py
+  SAMERegistrationLib/tvf/network.py
+  SAMERegistrationLib/tvf/objective.py
+  SAMERegistrationLib/tvf/swin.py
+  SAMERegistrationLib/tvf/train.py
   SAMERegistrationLib/worker.py
   )
 
 set(SAMERegistration_PYTHON_RESOURCES
   Resources/Icons/SAMERegistration.png
+  Resources/Models/fcn_lifan.md
+  Resources/Models/fcn_lifan.pt
+  Resources/Models/fcn_lifan.pt.sha256
+  Resources/Models/fcn_lifan_train_log.jsonl
   Resources/Models/sam_small.md
   Resources/Models/sam_small.pt
   Resources/Models/sam_small.pt.sha256
   Resources/Models/sam_small_train_log.jsonl
+  Resources/Models/sam_vm.md
+  Resources/Models/sam_vm.pt
+  Resources/Models/sam_vm.pt.sha256
+  Resources/Models/sam_vm_train_log.jsonl
+  Resources/Models/seg_unet.md
+  Resources/Models/seg_unet.pt
+  Resources/Models/seg_unet.pt.sha256
+  Resources/Models/seg_unet_train_log.jsonl
+  Resources/Models/tvf.md
+  Resources/Models/tvf.pt
+  Resources/Models/tvf.pt.sha256
+  Resources/Models/tvf_lddmm.md
+  Resources/Models/tvf_lddmm.pt
+  Resources/Models/tvf_lddmm.pt.sha256
+  Resources/Models/tvf_lddmm_train_log.jsonl
+  Resources/Models/tvf_train_log.jsonl
   Resources/SampleData/README.md
   Resources/SampleData/label_names.json
   Resources/SampleData/patientA_abdomen_ct.nii.gz

@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 from .errors import InputError, RegistrationCancelled
+from .learning.objective import similarity_names
 from .modes import DEFAULT_MODE, MODE_NAMES
 from .pipeline.problem import RegistrationOptions
 from .pipeline.progress import ProgressEvent
@@ -23,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="same-register",
         description="Register a MOVING 3-D image (CT first) to a FIXED one. Writes transform.h5 (fixed -> moving, "
                     "ITK/Slicer readable), affine.tfm, displacement.nii.gz, warped.nii.gz, jacobian.nii.gz, "
-                    "warped_labels.nii.gz (with --moving-labels), summary.json and overview.png into OUTDIR.")
+                    "warped_labels.nii.gz (with --moving-labels), summary.json and overview.png into OUTDIR; the TVF modes "
+                    "add inverse_transform.h5 (moving -> fixed) and inverse_jacobian.nii.gz.")
     parser.add_argument("fixed", help="fixed image: NIfTI, NRRD, MHA or a DICOM series folder")
     parser.add_argument("moving", help="moving image: NIfTI, NRRD, MHA or a DICOM series folder")
     parser.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created if needed)")
@@ -34,6 +36,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--initial-transform", metavar="FILE", help="ITK transform file (fixed -> moving) to start from; skips the initial alignment")
     parser.add_argument("--sam-weights", metavar="FILE", help="SAM weights for the SAM modes (default: the shipped ones; "
                                                               "FILE.sha256 must hold its SHA-256)")
+    parser.add_argument("--vm-weights", metavar="FILE", help="SAM-VoxelMorph weights for --mode same (default: the shipped "
+                                                             "ones; FILE.sha256 must hold its SHA-256)")
+    parser.add_argument("--tvf-weights", metavar="FILE", help="TVF weights for --mode tvf / tvf-lddmm (default: the "
+                                                              "shipped ones; FILE.sha256 must hold its SHA-256)")
+    parser.add_argument("--no-sam-coarse", action="store_true", help="--mode same without the SAM-coarse stage")
+    parser.add_argument("--refine-iterations", type=int, metavar="N",
+                        help="test-time refinement iterations of the learned stages (0: network output only; "
+                             "default: the stage's own, 50 for SAM-VoxelMorph)")
+    parser.add_argument("--similarity", metavar="SPEC",
+                        help="similarity of the learned stages' test-time refinement (modes same, tvf, tvf-lddmm): "
+                             f"a name or a weighted sum such as 'lncc+0.1*sam'; names: {', '.join(similarity_names())} "
+                             "(default: the stage's own)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     parser.add_argument("--spacing", type=float, default=RegistrationOptions.spacing, metavar="MM",
                         help=f"finest working voxel size in mm (default {RegistrationOptions.spacing:g})")
@@ -50,8 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     request = RegistrationRequest(
         fixed=args.fixed, moving=args.moving, output_dir=args.output, mode=args.mode,
         moving_labels=args.moving_labels, fixed_labels=args.fixed_labels, fixed_mask=args.fixed_mask,
-        initial_transform=args.initial_transform, sam_weights=args.sam_weights, device=args.device,
-        label_method=args.label_interpolation, overview=not args.no_overview, options=RegistrationOptions(spacing=args.spacing, threads=args.threads))
+        initial_transform=args.initial_transform, sam_weights=args.sam_weights, vm_weights=args.vm_weights,
+        tvf_weights=args.tvf_weights,
+        sam_coarse=not args.no_sam_coarse, refine_iterations=args.refine_iterations, similarity=args.similarity,
+        device=args.device, label_method=args.label_interpolation, overview=not args.no_overview, options=RegistrationOptions(spacing=args.spacing, threads=args.threads))
     bars = None if args.quiet else _ProgressBars()
     with warnings.catch_warnings():
         warnings.simplefilter("always")
@@ -87,6 +103,10 @@ def _print_summary(summary: dict, outdir: Path) -> None:
         dice = summary["dice"]
         print(f"Mean Dice over {dice['labels_compared']} labels: {dice['mean_before_registration']:.3f} before, "
               f"{dice['mean']:.3f} after")
+    if "inverse" in summary:
+        consistency = summary["inverse"]["consistency"]
+        print(f"Inverse consistency |phi_inv(phi(x)) - x| in the body: mean {consistency['mean_mm']:.3f} mm, "
+              f"max {consistency['max_mm']:.3f} mm")
     print(f"Outputs in {outdir}")
 
 

@@ -29,7 +29,7 @@ import torch
 from .errors import InputError
 from .image import grid_of_sitk, with_grid_geometry
 from .spatial.grid import LPS_TO_RAS, Grid
-from .spatial.transform import SpatialTransform
+from .spatial.transform import InverseTransform, SpatialTransform
 
 NIFTI_INTENT_DISPVECT = 1006
 _NIFTI1_HEADER_SIZE = 348
@@ -189,9 +189,27 @@ def to_sitk_transform(transform: SpatialTransform) -> sitk.Transform:
     return composite
 
 
-def write_transform(transform: SpatialTransform, path: str | os.PathLike) -> None:
-    """Writes the whole result (see :func:`to_sitk_transform`) as an ITK transform file, normally ``.h5``."""
-    _write_sitk_transform(to_sitk_transform(transform), path)
+def inverse_to_sitk_transform(inverse: InverseTransform) -> sitk.CompositeTransform:
+    """The moving -> fixed inverse of a result as one ITK transform (moving LPS -> fixed LPS).
+
+    Returns:
+        a ``CompositeTransform`` holding a ``DisplacementFieldTransform`` and then the affine; ITK
+        applies the last added transform first, so it maps ``y`` to ``z + w(z)`` with
+        ``z = B @ y`` like :meth:`InverseTransform.map_points` (inside the field grid).
+    """
+    composite = sitk.CompositeTransform(3)
+    composite.AddTransform(sitk.DisplacementFieldTransform(displacement_field_image(inverse.field, inverse.field_grid)))
+    composite.AddTransform(affine_to_sitk(inverse.affine))
+    return composite
+
+
+def write_transform(transform: SpatialTransform | InverseTransform, path: str | os.PathLike) -> None:
+    """Writes the whole result (see :func:`to_sitk_transform`), or its inverse (see
+    :func:`inverse_to_sitk_transform`), as an ITK transform file, normally ``.h5``."""
+    if isinstance(transform, InverseTransform):
+        _write_sitk_transform(inverse_to_sitk_transform(transform), path)
+    else:
+        _write_sitk_transform(to_sitk_transform(transform), path)
 
 
 def read_initial_transform(path: str | os.PathLike, reference_grid: Grid) -> SpatialTransform:

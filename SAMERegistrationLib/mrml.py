@@ -433,6 +433,8 @@ class RegistrationOutputs:
         warped: scalar volume: the moving volume on the fixed grid.
         jacobian: scalar volume: det(d phi / dx) on the fixed grid.
         warped_segmentation: segmentation: the moving segments on the fixed geometry.
+        inverse: ``vtkMRMLGridTransformNode``: the inverse, moving to fixed (FromParent displacement
+            field on the moving volume's working grid), for modes that compute it (TVF).
     """
 
     transform: object = None
@@ -440,6 +442,7 @@ class RegistrationOutputs:
     warped: object = None
     jacobian: object = None
     warped_segmentation: object = None
+    inverse: object = None
 
 
 @dataclass
@@ -535,7 +538,8 @@ def load_outputs(outdir: str | os.PathLike, summary: dict, inputs: RegistrationI
 
     from .export import read_initial_transform
     from .image import Image
-    from .outputs import AFFINE_FILE, JACOBIAN_FILE, TRANSFORM_FILE, WARPED_FILE, WARPED_LABELS_FILE
+    from .outputs import (AFFINE_FILE, INVERSE_TRANSFORM_FILE, JACOBIAN_FILE, TRANSFORM_FILE, WARPED_FILE,
+                          WARPED_LABELS_FILE)
 
     outdir = Path(outdir)
     fixed_grid = volume_grid(inputs.fixed)
@@ -544,6 +548,12 @@ def load_outputs(outdir: str | os.PathLike, summary: dict, inputs: RegistrationI
     # because transform.h5 keeps its field on that grid
     whole_field = read_initial_transform(outdir / TRANSFORM_FILE, field_grid).displacement_on(field_grid)
     affine = read_initial_transform(outdir / AFFINE_FILE, field_grid).affine if (outdir / AFFINE_FILE).is_file() else None
+    # the inverse (moving -> fixed, an affine then a field) sampled on a moving-space grid as fine
+    # as its field
+    inverse_field = None
+    if (outdir / INVERSE_TRANSFORM_FILE).is_file():
+        inverse_grid = volume_grid(inputs.moving).with_spacing(float(summary["inverse"]["field_spacing_mm"]))
+        inverse_field = read_initial_transform(outdir / INVERSE_TRANSFORM_FILE, inverse_grid).displacement_on(inverse_grid)
     warped = Image.from_sitk(sitk.ReadImage(str(outdir / WARPED_FILE)))
     jacobian = Image.from_sitk(sitk.ReadImage(str(outdir / JACOBIAN_FILE)))
     labels = None
@@ -566,6 +576,10 @@ def load_outputs(outdir: str | os.PathLike, summary: dict, inputs: RegistrationI
     set_grid_transform(result.transform, whole_field, field_grid)
     if result.affine is not None and affine is not None:
         set_linear_transform(result.affine, affine)
+    if inverse_field is not None:
+        if result.inverse is None:
+            result.inverse = _new_node(scene, "vtkMRMLGridTransformNode", f"{moving_name} registration inverse")
+        set_grid_transform(result.inverse, inverse_field, inverse_grid)
     if result.warped is None:
         result.warped = _new_node(scene, "vtkMRMLScalarVolumeNode", f"{moving_name} registered")
     image_to_volume(warped, result.warped)

@@ -4,7 +4,8 @@ File names are a stable contract (CLI, Slicer module, scripts):
 ``transform.h5`` (whole result, fixed -> moving, one ITK transform), ``affine.tfm`` (when an affine
 stage ran), ``displacement.nii.gz`` (phi(x) - x on the fixed grid), ``warped.nii.gz``,
 ``jacobian.nii.gz``, ``warped_labels.nii.gz`` (with moving labels), ``summary.json`` and
-``overview.png``. Files are written to a hidden temporary folder first and moved into place at the
+``overview.png``; for modes with an inverse (TVF) also ``inverse_transform.h5`` (moving -> fixed)
+and ``inverse_jacobian.nii.gz`` (its Jacobian determinant on the moving grid). Files are written to a hidden temporary folder first and moved into place at the
 end, so a failed or cancelled run never leaves a half-written set.
 """
 
@@ -25,7 +26,7 @@ from .io import write_image
 from .preprocess import CT_AIR_HU
 from .metrics import dice_per_label, shared_labels
 from .spatial.jacobian import jacobian_determinant, jacobian_statistics
-from .spatial.transform import SpatialTransform
+from .spatial.transform import InverseTransform, SpatialTransform
 from .spatial.warp import LabelMethod, resample_image, resample_labels
 
 TRANSFORM_FILE = "transform.h5"
@@ -36,6 +37,8 @@ JACOBIAN_FILE = "jacobian.nii.gz"
 WARPED_LABELS_FILE = "warped_labels.nii.gz"
 SUMMARY_FILE = "summary.json"
 OVERVIEW_FILE = "overview.png"
+INVERSE_TRANSFORM_FILE = "inverse_transform.h5"
+INVERSE_JACOBIAN_FILE = "inverse_jacobian.nii.gz"
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,38 @@ def compute_result_images(fixed: Image, moving: Image, transform: SpatialTransfo
     return ResultImages(warped, displacement, jacobian, labels)
 
 
+@dataclass(frozen=True)
+class InverseImages:
+    """The inverse (moving -> fixed) transform and its maps on the moving grid.
+
+    Attributes:
+        transform: ``psi``, moving LPS mm -> fixed LPS mm.
+        displacement: ``(3, D, H, W)`` LPS mm, psi(y) - y on the moving grid.
+        jacobian: ``(D, H, W)`` det of d psi / d y on the moving grid.
+    """
+
+    transform: InverseTransform
+    displacement: torch.Tensor
+    jacobian: torch.Tensor
+
+
+def compute_inverse_images(moving: Image, inverse: InverseTransform) -> InverseImages:
+    """The inverse's displacement and Jacobian maps on the moving grid (CPU)."""
+    inverse = inverse.to("cpu")
+    displacement = inverse.displacement_on(moving.grid)
+    return InverseImages(inverse, displacement, jacobian_determinant(displacement, moving.grid))
+
+
+def inverse_consistency_summary(transform: SpatialTransform, inverse: InverseTransform, region: Image) -> dict:
+    """Mean and max of ``|psi(phi(x)) - x|`` (mm) over the voxel centres ``x`` of ``region`` (a binary
+    image, e.g. the fixed body mask)."""
+    points = region.grid.world_points()[region.data > 0]
+    with torch.no_grad():
+        error = (inverse.to("cpu").map_points(transform.to("cpu").map_points(points)) - points).norm(dim=-1)
+    return {"region": "fixed body mask", "mean_mm": round(float(error.mean()), 4),
+            "max_mm": round(float(error.max()), 4), "points": int(error.numel())}
+
+
 def label_summary(fixed_labels: Image, moving_labels: Image, warped_labels: Image, unregistered_labels: Image) -> dict:
     """Dice per label over the labels present in both the fixed and the moving maps (0 for a label
     the warp lost), their mean, and the mean before registration (plain physical-space resampling)."""
@@ -90,8 +125,12 @@ def jacobian_summary(jacobian: torch.Tensor, region: Image) -> dict:
 
 def write_output_folder(outdir: Path, fixed: Image, moving: Image, transform: SpatialTransform,
                         images: ResultImages, summary: dict, has_affine_stage: bool,
-                        fixed_labels: Image | None = None, overview: bool = True) -> dict[str, str]:
+                        fixed_labels: Image | None = None, overview: bool = True,
+                        inverse: InverseImages | None = None) -> dict[str, str]:
     """Writes every output file into ``outdir`` (created by the caller) and returns {kind: path}.
+
+    With ``inverse`` (modes with an inverse), ``inverse_transform.h5`` and
+    ``inverse_jacobian.nii.gz`` (on the moving grid) are written too.
 
     ``summary`` is written as ``summary.json`` after the ``files`` entry is added to it.
     """
@@ -108,6 +147,11 @@ def write_output_folder(outdir: Path, fixed: Image, moving: Image, transform: Sp
         write_displacement_field(images.displacement, fixed.grid, staging / DISPLACEMENT_FILE)
         write_image(images.warped, staging / WARPED_FILE, sitk.sitkFloat32)
         write_image(Image(images.jacobian, fixed.grid), staging / JACOBIAN_FILE, sitk.sitkFloat32)
+        if inverse is not None:
+            write_transform(inverse.transform, staging / INVERSE_TRANSFORM_FILE)
+            write_image(Image(inverse.jacobian, moving.grid), staging / INVERSE_JACOBIAN_FILE, sitk.sitkFloat32)
+            files["inverse_transform"] = INVERSE_TRANSFORM_FILE
+            files["inverse_jacobian"] = INVERSE_JACOBIAN_FILE
         if images.warped_labels is not None:
             pixel = sitk.sitkUInt8 if int(images.warped_labels.data.max()) < 256 else sitk.sitkUInt16
             write_image(images.warped_labels, staging / WARPED_LABELS_FILE, pixel)

@@ -38,10 +38,16 @@ def looks_like_ct(image: Image) -> bool:
     return low <= -700.0 and high >= 0.0
 
 
+def ct_window(hu: torch.Tensor) -> torch.Tensor:
+    """The registration channel of CT values (any shape): ``CT_WINDOW_HU`` mapped to [-1, 1], clipped."""
+    low, high = CT_WINDOW_HU
+    return ((hu.float() - low) / (high - low) * 2.0 - 1.0).clamp(-1.0, 1.0)
+
+
 def normalise_intensity(image: Image, is_ct: bool) -> Image:
     """The registration channel in [-1, 1]: the CT window, or robust percentiles for non-CT."""
     if is_ct:
-        low, high = CT_WINDOW_HU
+        return Image(ct_window(image.data), image.grid)
     else:
         values = _subsample(image.data)
         low, high = torch.quantile(values, torch.tensor([0.005, 0.995], dtype=values.dtype)).tolist()

@@ -20,15 +20,18 @@ import torch
 from .errors import InputError, RegistrationCancelled
 from .export import read_initial_transform
 from .image import Image
+from .learning.objective import parse_similarity
 from .io import check_output_directory, read_image, read_labels, read_mask
-from .modes import DEFAULT_MODE, build_pipeline
-from .outputs import compute_result_images, jacobian_summary, label_summary, write_output_folder
+from .modes import DEFAULT_MODE, ModeSettings, build_pipeline
+from .outputs import (compute_inverse_images, compute_result_images, inverse_consistency_summary, jacobian_summary,
+                      label_summary, write_output_folder)
 from .pipeline.problem import RegistrationOptions, RegistrationProblem, resolve_device
 from .pipeline.progress import ProgressCallback
 from .pipeline.runner import RegistrationPipeline
 from .spatial.grid import Grid
 from .spatial.transform import SpatialTransform
 from .spatial.warp import LabelMethod, resample_image, resample_labels
+from .stages.tvf import TimeDependentVelocityFields
 
 _BYTES_PER_WORKING_VOXEL = 400
 """Generous bound of the stages' memory per working-grid voxel (fp32, autograd, Adam state); the
@@ -50,6 +53,11 @@ class RegistrationRequest:
     fixed_mask: str | os.PathLike | None = None
     initial_transform: str | os.PathLike | None = None
     sam_weights: str | os.PathLike | None = None
+    vm_weights: str | os.PathLike | None = None
+    tvf_weights: str | os.PathLike | None = None
+    sam_coarse: bool = True
+    refine_iterations: int | None = None
+    similarity: str | None = None
     device: str = "auto"
     label_method: LabelMethod = "nearest"
     overview: bool = True
@@ -66,9 +74,12 @@ def register_files(request: RegistrationRequest, on_progress: ProgressCallback |
     """
     started = time.perf_counter()
     _check_options(request.options)
+    _check_request(request)
     device = resolve_device(request.device)
     pipeline = build_pipeline(request.mode, has_initial_transform=request.initial_transform is not None,
-                              sam_weights=request.sam_weights)
+                              settings=ModeSettings(request.sam_weights, request.vm_weights, request.tvf_weights,
+                                                    request.sam_coarse, request.refine_iterations,
+                                                    request.similarity))
     inputs = load_inputs(request)
     check_memory(inputs.fixed.grid, inputs.moving.grid, request.options.spacing, device)
     outdir = check_output_directory(request.output_dir)
@@ -152,6 +163,15 @@ def _register(request: RegistrationRequest, inputs: LoadedInputs, pipeline: Regi
         "jacobian": jacobian_summary(images.jacobian, body),
         "conventions": "LPS mm; transforms map fixed points to moving points (ITK resampling direction)",
     }
+    inverse = next((stage.inverse for stage in pipeline.stages if isinstance(stage, TimeDependentVelocityFields)), None)
+    inverse_images = None
+    if inverse is not None:
+        inverse_images = compute_inverse_images(moving, inverse)
+        moving_body = resample_image(problem.moving_body_mask(), moving.grid, interpolation="nearest")
+        summary["inverse"] = {
+            "field_spacing_mm": inverse.field_grid.spacing[0],
+            "jacobian": {**jacobian_summary(inverse_images.jacobian, moving_body), "region": "moving body mask"},
+            "consistency": inverse_consistency_summary(result.transform, inverse, problem.fixed_body_mask())}
     if inputs.fixed_labels is not None and images.warped_labels is not None:
         unregistered = resample_labels(inputs.moving_labels, fixed.grid, None, request.label_method)
         summary["dice"] = label_summary(inputs.fixed_labels, inputs.moving_labels, images.warped_labels, unregistered)
@@ -159,7 +179,8 @@ def _register(request: RegistrationRequest, inputs: LoadedInputs, pipeline: Regi
         raise RegistrationCancelled("registration cancelled before writing outputs")
     summary["files"] = write_output_folder(outdir, fixed, moving, result.transform, images, summary,
                                            has_affine_stage=any("affine" in r.name for r in result.stages),
-                                           fixed_labels=inputs.fixed_labels, overview=request.overview)
+                                           fixed_labels=inputs.fixed_labels, overview=request.overview,
+                                           inverse=inverse_images)
     return summary
 
 
@@ -190,3 +211,14 @@ def _check_options(options: RegistrationOptions) -> None:
         raise InputError(f"--spacing {options.spacing:g}: the working spacing must be between 0.25 and 16 mm")
     if options.threads is not None and options.threads < 1:
         raise InputError(f"--threads {options.threads}: must be at least 1")
+
+
+def _check_request(request: RegistrationRequest) -> None:
+    """Checks the learned stages' choices before any work (the CLI, Slicer and scripts alike)."""
+    if request.refine_iterations is not None and request.refine_iterations < 0:
+        raise InputError(f"--refine-iterations {request.refine_iterations}: must be 0 or more")
+    if request.similarity is not None:
+        try:
+            parse_similarity(request.similarity)
+        except ValueError as error:
+            raise InputError(f"--similarity {request.similarity}: {error}") from error

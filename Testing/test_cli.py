@@ -344,7 +344,8 @@ BAD_INPUTS = {
 
 BAD_OPTIONS = {
     "unknown device": (["--device", "tpu"], ("--device tpu", "unknown device")),
-    "unavailable mode": (["--mode", "same"], ("--mode same", "not available")),
+    "negative refinement iterations": (["--mode", "same", "--refine-iterations", "-1"], ("--refine-iterations -1",)),
+    "unknown similarity term": (["--mode", "same", "--similarity", "lncc+nmi"], ("--similarity", "unknown term 'nmi'")),
     "zero spacing": (["--spacing", "0"], ("--spacing 0",)),
 }
 

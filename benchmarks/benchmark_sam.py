@@ -48,7 +48,7 @@ from SAMERegistrationLib.sam.embedding import DEFAULT_WEIGHTS, Embeddings, embed
 from SAMERegistrationLib.sam.matching import MatchTarget, match_points
 from SAMERegistrationLib.sam.network import SAMConfig, SAMNet
 from SAMERegistrationLib.spatial.sampling import sample_at_points
-from SAMERegistrationLib.sam.embedding import sha256_file
+from SAMERegistrationLib.learning.weights import sha256_file
 from SAMERegistrationLib.synthetic import SyntheticPair, make_synthetic_pair, with_contrast_change
 
 REPOSITORY = Path(__file__).resolve().parents[1]

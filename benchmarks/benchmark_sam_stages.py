@@ -77,7 +77,7 @@ from SAMERegistrationLib.stages.initial_alignment import InitialAlignment  # noq
 from SAMERegistrationLib.stages.intensity_affine import IntensityAffine  # noqa: E402
 from SAMERegistrationLib.stages.sam_affine import SAMAffine  # noqa: E402
 from SAMERegistrationLib.stages.sam_coarse import SAMCoarse  # noqa: E402
-from SAMERegistrationLib.sam.embedding import sha256_file
+from SAMERegistrationLib.learning.weights import sha256_file
 from SAMERegistrationLib.synthetic import make_synthetic_pair  # noqa: E402, with_contrast_change
 
 REPOSITORY = Path(__file__).resolve().parents[1]

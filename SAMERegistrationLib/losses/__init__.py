@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from torch import Tensor
 
+from .lddmm import lddmm_energy, lddmm_operator
 from .regularizers import bending_energy, diffusion, total_variation
 from .similarity import local_ncc, mutual_information, ncc, soft_dice, ssd
 
@@ -61,6 +62,8 @@ __all__ = [
     "SIMILARITY_LOSSES",
     "bending_energy",
     "diffusion",
+    "lddmm_energy",
+    "lddmm_operator",
     "local_ncc",
     "mutual_information",
     "ncc",

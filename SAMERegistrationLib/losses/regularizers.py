@@ -11,7 +11,9 @@ along y (H, dim 3), channel 2 along z (D, dim 2): ITK index order (i, j, k).
 Every function returns a 0-dim, differentiable loss (lower = smoother); each
 derivative term is averaged over the batch, the 3 components and its own
 valid region (the voxels where the finite difference is defined), and the
-terms are summed.
+terms are summed. An optional ``weight`` (N or 1, 1, D, H, W) turns each average
+into a weighted one (a difference at voxel ``v`` takes the weight of ``v``), e.g.
+to regularise more inside the body than in the air around it.
 """
 
 from __future__ import annotations
@@ -39,13 +41,21 @@ def _check(fn: str, disp: Tensor, spacing: Sequence[float], min_size: int) -> tu
     return tuple(float(s) for s in spacing)
 
 
+def _mean(term: Tensor, weight: Tensor | None) -> Tensor:
+    """Mean of ``term`` (N, 3, d, h, w), weighted by the matching corner of ``weight`` if given."""
+    if weight is None:
+        return term.mean()
+    w = weight[..., :term.shape[2], :term.shape[3], :term.shape[4]].expand_as(term)
+    return (term * w).sum() / w.sum().clamp_min(1e-12)
+
+
 def _first_derivatives(fn: str, disp: Tensor, spacing: Sequence[float]) -> list[Tensor]:
     """Forward differences / spacing along x, y, z (each over its own valid region)."""
     spacing = _check(fn, disp, spacing, min_size=2)
     return [torch.diff(disp, dim=dim) / step for dim, step in zip(_DIMS, spacing)]
 
 
-def diffusion(disp: Tensor, spacing: Sequence[float]) -> Tensor:
+def diffusion(disp: Tensor, spacing: Sequence[float], weight: Tensor | None = None) -> Tensor:
     """Diffusion (squared-gradient) regulariser.
 
     ``mean((du/dx)**2) + mean((du/dy)**2) + mean((du/dz)**2)``, each mean over
@@ -58,6 +68,7 @@ def diffusion(disp: Tensor, spacing: Sequence[float]) -> Tensor:
             displacement along (W, H, D).
         spacing: Voxel size in mm as (x, y, z): spacing[0] along W (dim 4),
             spacing[1] along H (dim 3), spacing[2] along D (dim 2).
+        weight: Optional voxel weights (N or 1, 1, D, H, W) of the averages.
 
     Returns:
         0-dim tensor in (mm/mm)**2 (dimensionless); 0 for a constant field.
@@ -66,10 +77,10 @@ def diffusion(disp: Tensor, spacing: Sequence[float]) -> Tensor:
         ValueError: if ``disp`` is not (N, 3, D, H, W) with D, H, W >= 2, or
             ``spacing`` is not 3 positive numbers.
     """
-    return sum(d.square().mean() for d in _first_derivatives("diffusion", disp, spacing))
+    return sum(_mean(d.square(), weight) for d in _first_derivatives("diffusion", disp, spacing))
 
 
-def total_variation(disp: Tensor, spacing: Sequence[float]) -> Tensor:
+def total_variation(disp: Tensor, spacing: Sequence[float], weight: Tensor | None = None) -> Tensor:
     """Anisotropic total variation (L1 of the gradient) regulariser.
 
     ``mean(|du/dx|) + mean(|du/dy|) + mean(|du/dz|)`` with the same forward
@@ -81,6 +92,7 @@ def total_variation(disp: Tensor, spacing: Sequence[float]) -> Tensor:
             displacement along (W, H, D).
         spacing: Voxel size in mm as (x, y, z): spacing[0] along W (dim 4),
             spacing[1] along H (dim 3), spacing[2] along D (dim 2).
+        weight: Optional voxel weights (N or 1, 1, D, H, W) of the averages.
 
     Returns:
         0-dim tensor (dimensionless); 0 for a constant field.
@@ -89,10 +101,10 @@ def total_variation(disp: Tensor, spacing: Sequence[float]) -> Tensor:
         ValueError: if ``disp`` is not (N, 3, D, H, W) with D, H, W >= 2, or
             ``spacing`` is not 3 positive numbers.
     """
-    return sum(d.abs().mean() for d in _first_derivatives("total_variation", disp, spacing))
+    return sum(_mean(d.abs(), weight) for d in _first_derivatives("total_variation", disp, spacing))
 
 
-def bending_energy(disp: Tensor, spacing: Sequence[float]) -> Tensor:
+def bending_energy(disp: Tensor, spacing: Sequence[float], weight: Tensor | None = None) -> Tensor:
     """Bending energy (squared second derivatives) regulariser.
 
     ``mean(u_xx**2) + mean(u_yy**2) + mean(u_zz**2)
@@ -110,6 +122,7 @@ def bending_energy(disp: Tensor, spacing: Sequence[float]) -> Tensor:
             displacement along (W, H, D).
         spacing: Voxel size in mm as (x, y, z): spacing[0] along W (dim 4),
             spacing[1] along H (dim 3), spacing[2] along D (dim 2).
+        weight: Optional voxel weights (N or 1, 1, D, H, W) of the averages.
 
     Returns:
         0-dim tensor in mm**-2.
@@ -123,5 +136,5 @@ def bending_energy(disp: Tensor, spacing: Sequence[float]) -> Tensor:
     for a in range(3):
         for b in range(a, 3):
             second = torch.diff(torch.diff(disp, dim=_DIMS[a]), dim=_DIMS[b]) / (spacing[a] * spacing[b])
-            energy = energy + (1 if a == b else 2) * second.square().mean()
+            energy = energy + (1 if a == b else 2) * _mean(second.square(), weight)
     return energy

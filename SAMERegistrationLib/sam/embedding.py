@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from ..errors import InputError
 from ..image import Image
+from ..learning.weights import MODELS, build_checked, load_checked, save_weights
 from ..preprocess import to_working_grid
 from ..spatial.grid import Grid
 from .network import SAMConfig, SAMNet, sam_intensity
 
-DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "Resources" / "Models" / "sam_small.pt"
+DEFAULT_WEIGHTS = MODELS / "sam_small.pt"
 """Weights shipped with the product; ``<name>.sha256`` beside them holds their SHA-256."""
 
 
@@ -60,12 +58,8 @@ def embed(image: Image, model: SAMNet, device: torch.device | str = "cpu") -> Em
 
 
 def save_checkpoint(path: Path, model: SAMNet, **extra) -> str:
-    """Writes ``{"config", "state_dict", **extra}`` and ``<path>.sha256``; returns the SHA-256."""
-    path = Path(path)
-    torch.save({"config": model.config.as_dict(), "state_dict": model.state_dict(), **extra}, path)
-    digest = sha256_file(path)
-    path.with_suffix(path.suffix + ".sha256").write_text(f"{digest}  {path.name}\n")
-    return digest
+    """Writes SAM weights and ``<path>.sha256`` (see :func:`save_weights`); returns the SHA-256."""
+    return save_weights(path, model, model.config.as_dict(), **extra)
 
 
 def load_sam(path: Path | str | None = None) -> SAMNet:
@@ -76,30 +70,5 @@ def load_sam(path: Path | str | None = None) -> SAMNet:
             replaced file), or the file is not a SAM checkpoint.
     """
     path = Path(path) if path is not None else DEFAULT_WEIGHTS
-    checksum_file = path.with_suffix(path.suffix + ".sha256")
-    if not path.is_file():
-        raise InputError(f"SAM weights {path}: not found: reinstall the extension or give --sam-weights FILE")
-    if not checksum_file.is_file():
-        raise InputError(f"SAM weights {path}: no checksum file {checksum_file.name} beside it: "
-                         "write its SHA-256 there (sha256sum) to confirm the file is the one you mean")
-    expected = checksum_file.read_text().split()[0]
-    actual = sha256_file(path)
-    if actual != expected:
-        raise InputError(f"SAM weights {path}: SHA-256 {actual[:12]}... does not match {checksum_file.name} "
-                         f"({expected[:12]}...): the file is damaged or was replaced; reinstall or re-download it")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        model = SAMNet(SAMConfig.from_dict(checkpoint["config"]))
-        model.load_state_dict(checkpoint["state_dict"])
-    except (KeyError, RuntimeError, TypeError, ValueError) as error:
-        raise InputError(f"SAM weights {path}: not a SAM checkpoint ({error})") from error
-    return model.eval()
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file (read in 1 MiB blocks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    checkpoint = load_checked(path, "SAM weights", "--sam-weights")
+    return build_checked(checkpoint, lambda config: SAMNet(SAMConfig.from_dict(config)), "SAM weights", path)

@@ -15,20 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import sys
-import time
 import warnings
-from pathlib import Path
 
-import numpy as np
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
-from ..image import Image
 from ..io import read_image
+from ..learning.training import TrainingRun, add_run_options
 from ..preprocess import body_mask, looks_like_ct, to_working_grid
 from ..synthetic import make_synthetic_pair
 from .embedding import embed, feature_grids, save_checkpoint
@@ -42,17 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="same-train-sam", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("volumes", nargs="+", help="CT volumes (NIfTI/NRRD/MHA/DICOM folder) in HU")
-    parser.add_argument("-o", "--output", required=True, help="folder for checkpoints, log and final weights")
-    parser.add_argument("--iterations", type=int, default=2000)
+    add_run_options(parser, iterations=2000, lr=2e-3)
     parser.add_argument("--batch", type=int, default=2, help="view pairs per step and process (different volumes)")
     parser.add_argument("--patch", type=int, default=48, help="crop edge in voxels")
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--checkpoint-every", type=int, default=200)
     parser.add_argument("--probe-every", type=int, default=200)
-    parser.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
     parser.add_argument("--widths", type=int, nargs=3, default=list(SAMConfig.widths))
     parser.add_argument("--local-dim", type=int, default=SAMConfig.local_dim)
     parser.add_argument("--global-dim", type=int, default=SAMConfig.global_dim)
@@ -108,81 +94,27 @@ def matching_probe(model: SAMNet, volume: TrainingVolume, device: torch.device, 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    device = torch.device(args.device if args.device != "cuda" else f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    output = Path(args.output)
-    if rank == 0:
-        output.mkdir(parents=True, exist_ok=True)
-
+    run = TrainingRun(args)
     config = SAMConfig(widths=tuple(args.widths), local_dim=args.local_dim, global_dim=args.global_dim)
     volumes = [v for v in (prepare_volume(p, config.spacing_mm) for p in args.volumes) if v is not None]
     if not volumes:
         print("same-train-sam: error: no usable CT volume among the inputs", file=sys.stderr)
         return 2
-    model = SAMNet(config).to(device)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, args.iterations) / args.iterations)))
-    generator = torch.Generator().manual_seed(args.seed * 1000 + rank)
-    start_step = 0
-    checkpoint_path = output / "checkpoint.pt"
-    if args.resume and checkpoint_path.is_file():
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["state_dict"])
-        optimiser.load_state_dict(state["optimiser"])
-        schedule.load_state_dict(state["schedule"])
-        generator.set_state(state["generators"][rank])
-        start_step = state["step"]
-    trained = DistributedDataParallel(model) if world > 1 else model
+    model = SAMNet(config)
+    trained = run.start(model, torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4))
     augmentation, settings = ViewAugmentation(patch=args.patch), ContrastiveSettings()
-
-    log = open(output / "train_log.jsonl", "a") if rank == 0 else None
-    started = time.perf_counter()
-    for step in range(start_step, args.iterations):
-        loss, parts = training_step(trained, config, volumes, augmentation, settings, generator, args.batch, device)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        schedule.step()
-        done = step + 1
-        record = {"step": done, "loss": round(loss.item(), 4), **{k: round(v, 4) for k, v in parts.items()},
-                  "lr": schedule.get_last_lr()[0], "seconds": round(time.perf_counter() - started, 1)}
-        if rank == 0 and (done % args.probe_every == 0 or done == args.iterations):
-            record["probe_median_error_mm"] = round(matching_probe(model, volumes[0], device), 2)
-        if rank == 0:
-            print(json.dumps(record), flush=True)
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-        if done % args.checkpoint_every == 0 or done == args.iterations:
-            generators = _gather_generator_states(generator, world)
-            if rank == 0:
-                torch.save({"state_dict": model.state_dict(), "optimiser": optimiser.state_dict(),
-                            "schedule": schedule.state_dict(), "step": done, "generators": generators,
-                            "config": config.as_dict(), "args": vars(args)}, checkpoint_path)
-    if rank == 0:
-        digest = save_checkpoint(output / "sam.pt", model, iterations=args.iterations,
-                                 seconds=round(time.perf_counter() - started, 1))
-        print(json.dumps({"weights": str(output / "sam.pt"), "sha256": digest}), flush=True)
-        log.close()
-    if world > 1:
-        dist.destroy_process_group()
+    for step in run.steps():
+        loss, parts = training_step(trained, config, volumes, augmentation, settings, run.generator, args.batch,
+                                    run.device)
+        probe = {}
+        if run.is_main and ((step + 1) % args.probe_every == 0 or step + 1 == args.iterations):
+            probe["probe_median_error_mm"] = round(matching_probe(model, volumes[0], run.device), 2)
+        run.step(step, loss, parts, probe)
+    if run.is_main:
+        digest = save_checkpoint(run.output / "sam.pt", model, iterations=args.iterations, seconds=run.seconds)
+        print(json.dumps({"weights": str(run.output / "sam.pt"), "sha256": digest}), flush=True)
+    run.finish()
     return 0
-
-
-def _gather_generator_states(generator: torch.Generator, world: int) -> list[torch.Tensor]:
-    """Every rank's sampling generator state, so a resumed run draws the same pairs."""
-    state = generator.get_state()
-    if world == 1:
-        return [state]
-    states = [torch.empty_like(state) for _ in range(world)]
-    dist.all_gather(states, state)
-    return states
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Li & Fan's fully convolutional registration network with deep self-supervision."""

@@ -1,0 +1,85 @@
+"""Saving and loading network weights with a SHA-256 beside them.
+
+A weights file is a ``torch.save`` dictionary ``{"config": {...}, "state_dict": {...}, **extra}``
+holding only tensors and plain values, so it loads with ``weights_only=True`` (no code runs on
+load). ``<file>.sha256`` next to it holds its digest; loading refuses a file whose digest differs,
+so a damaged download or a swapped file is reported instead of silently giving wrong results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+
+MODELS = Path(__file__).resolve().parents[2] / "Resources" / "Models"
+"""Folder of the weights shipped with the product (each with a ``.sha256`` and a model card)."""
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_weights(path: Path, model: nn.Module, config: dict, **extra) -> str:
+    """Writes ``{"config", "state_dict", **extra}`` and ``<path>.sha256``; returns the SHA-256."""
+    path = Path(path)
+    torch.save({"config": config, "state_dict": model.state_dict(), **extra}, path)
+    digest = sha256_file(path)
+    path.with_suffix(path.suffix + ".sha256").write_text(f"{digest}  {path.name}\n")
+    return digest
+
+
+def load_checked(path: Path | str, what: str, option: str) -> dict:
+    """The checkpoint dictionary of ``path`` after its SHA-256 check.
+
+    Args:
+        path: the weights file.
+        what: what the weights are, for messages (e.g. "SAM weights").
+        option: the CLI option that chooses another file (e.g. "--sam-weights").
+
+    Raises:
+        InputError: the file or its ``.sha256`` is missing, the checksum differs, or the file is not
+            a weights dictionary.
+    """
+    path = Path(path)
+    checksum_file = path.with_suffix(path.suffix + ".sha256")
+    if not path.is_file():
+        raise InputError(f"{what} {path}: not found: reinstall the extension or give {option} FILE")
+    if not checksum_file.is_file():
+        raise InputError(f"{what} {path}: no checksum file {checksum_file.name} beside it: "
+                         "write its SHA-256 there (sha256sum) to confirm the file is the one you mean")
+    expected = checksum_file.read_text().split()[0]
+    actual = sha256_file(path)
+    if actual != expected:
+        raise InputError(f"{what} {path}: SHA-256 {actual[:12]}... does not match {checksum_file.name} "
+                         f"({expected[:12]}...): the file is damaged or was replaced; reinstall or re-download it")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, ValueError, EOFError) as error:
+        raise InputError(f"{what} {path}: not a weights file ({error})") from error
+    if not isinstance(checkpoint, dict) or "config" not in checkpoint or "state_dict" not in checkpoint:
+        raise InputError(f"{what} {path}: not a weights file of this project (no config/state_dict)")
+    return checkpoint
+
+
+def build_checked(checkpoint: dict, build, what: str, path: Path | str) -> nn.Module:
+    """``build(config)`` with the checkpoint's weights loaded, in eval mode.
+
+    Raises:
+        InputError: the config or the weights do not fit the network (e.g. another model's file).
+    """
+    try:
+        model = build(checkpoint["config"])
+        model.load_state_dict(checkpoint["state_dict"])
+    except (KeyError, RuntimeError, TypeError, ValueError) as error:
+        raise InputError(f"{what} {path}: the weights do not fit this network ({error})") from error
+    return model.eval()

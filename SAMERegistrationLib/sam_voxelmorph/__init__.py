@@ -1,0 +1,1 @@
+"""SAM-VoxelMorph: the learned dense deformation stage of SAME (network, prediction, training)."""

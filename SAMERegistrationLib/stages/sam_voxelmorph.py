@@ -1,0 +1,105 @@
+"""SAM-VoxelMorph: the learned dense deformation of SAME, then test-time instance optimisation.
+
+The moving image is resampled through the incoming transform (SAM-affine, SAM-coarse) onto the
+fixed working grid of the network's spacing (2 mm); both images are embedded by SAM; the network
+predicts a stationary velocity on the half-resolution grid from the two images and the SAM
+correlation channels. The velocity is then refined on this one pair (Adam on body-masked local NCC
++ SAM loss + masked diffusion, at half resolution: :func:`..learning.instance_optimisation.refine`)
+and integrated by scaling and squaring into a diffeomorphic residual that is composed after the
+incoming transform. For images that are not CT in HU there are no SAM features: the stage then
+skips the network and refines from zero with local NCC alone (and says so in the summary).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..learning.instance_optimisation import refine
+from ..learning.objective import ObjectiveSettings, RegistrationObjective
+from ..learning.pairs import PairBatch, pair_from_problem
+from ..networks.unet import half_grid
+from ..pipeline.problem import RegistrationProblem
+from ..pipeline.progress import Progress
+from ..pipeline.stage import Stage
+from ..sam.features import add_sam_features
+from ..sam.network import SAMNet
+from ..sam_voxelmorph.network import SAMVoxelMorphNet, predict, velocity_to_displacement
+from ..spatial.transform import SpatialTransform
+
+DEFAULT_REFINE_ITERATIONS = 50
+DEFAULT_REFINE_SIMILARITY = "lncc+0.1*sam"
+
+
+class SAMVoxelMorph(Stage):
+    """Network prediction + instance optimisation of a residual deformation.
+
+    Args:
+        network: SAM-VoxelMorph weights.
+        sam: the SAM network (features, correlation, SAM loss).
+        refine_iterations: Adam iterations of the test-time refinement (0: network output only).
+        refine_similarity: similarity spec of the refinement.
+        refine_learning_rate_mm: Adam step size on the velocity, in mm.
+        regulariser_weight: weight of the masked diffusion of the velocity during refinement.
+    """
+
+    name = "sam-voxelmorph"
+
+    def __init__(self, network: SAMVoxelMorphNet, sam: SAMNet, refine_iterations: int = DEFAULT_REFINE_ITERATIONS,
+                 refine_similarity: str = DEFAULT_REFINE_SIMILARITY, refine_learning_rate_mm: float = 0.5,
+                 regulariser_weight: float = 1.0) -> None:
+        if refine_iterations < 0:
+            raise ValueError(f"SAMVoxelMorph: 'refine_iterations' must be >= 0, got {refine_iterations}")
+        self.network = network.eval()
+        self.sam = sam
+        self.refine_iterations = refine_iterations
+        self.objective_settings = ObjectiveSettings(similarity=refine_similarity, regulariser_weight=regulariser_weight)
+        RegistrationObjective(self.objective_settings)  # checks the spec before any work
+        self.refine_learning_rate_mm = refine_learning_rate_mm
+
+    def run(self, problem: RegistrationProblem, transform: SpatialTransform, progress: Progress) -> SpatialTransform:
+        device = problem.device
+        spacing = self.network.config.spacing_mm
+        progress.update(0.02, f"resampling the moving image onto the {spacing:g} mm grid")
+        pair = pair_from_problem(problem, transform, spacing)
+        has_sam = pair.fixed_hu is not None
+        settings = self.objective_settings
+        if has_sam:
+            progress.update(0.1, "SAM embeddings of both images")
+            add_sam_features(pair, self.sam.to(device))
+            start = time.perf_counter()
+            with torch.no_grad():
+                prediction = predict(self.network.to(device), pair)
+            progress.record("network_seconds", round(time.perf_counter() - start, 2))
+            velocity, velocity_grid = prediction.velocity, prediction.velocity_grid
+        else:
+            progress.record("note", "images are not CT in HU: no SAM features; the network is skipped and the "
+                                    "refinement uses local NCC only")
+            velocity_grid = half_grid(pair.grid)
+            velocity = torch.zeros((1, 3, *velocity_grid.shape), device=device)
+            settings = ObjectiveSettings(similarity="lncc", regulariser_weight=settings.regulariser_weight)
+        if self.refine_iterations > 0:
+            velocity = self._refine(problem, transform, pair, velocity, velocity_grid, settings, progress)
+        with torch.no_grad():
+            displacement = velocity_to_displacement(velocity, velocity_grid, pair.grid,
+                                                    self.network.config.integration_steps)
+        return transform.then_residual(displacement[0], pair.grid)
+
+    def _refine(self, problem: RegistrationProblem, transform: SpatialTransform, pair: PairBatch,
+                velocity: torch.Tensor, velocity_grid, settings: ObjectiveSettings, progress: Progress) -> torch.Tensor:
+        """The velocity after test-time optimisation on the half-resolution images."""
+        coarse = pair_from_problem(problem, transform, velocity_grid.spacing[0])
+        coarse.features = pair.features
+        objective = RegistrationObjective(settings)
+        steps = self.network.config.integration_steps
+        parameters = velocity.detach().clone().requires_grad_(True)
+
+        def loss():
+            displacement = velocity_to_displacement(parameters, velocity_grid, coarse.grid, steps)
+            return objective(coarse, displacement, parameters, velocity_grid)
+
+        report = refine([parameters], loss, self.refine_iterations, self.refine_learning_rate_mm, progress,
+                        (0.2, 0.95), "test-time refinement")
+        progress.record("refinement", {"similarity": settings.similarity, **report.summary()})
+        return parameters.detach()
