@@ -163,7 +163,7 @@ class SAMERegistrationParameterNode:
     movingSegmentation: vtkMRMLSegmentationNode
     initialTransform: vtkMRMLTransformNode
     fixedMask: vtkMRMLSegmentationNode
-    mode: RegistrationMode = RegistrationMode.INTENSITY
+    mode: RegistrationMode = RegistrationMode.SAME
     sameAffineStage: bool = True
     sameCoarseStage: bool = True
     sameDeformableStage: bool = True

@@ -29,7 +29,7 @@ MODE_NAMES = ("intensity", "affine", "coarse", "same", "tvf", "tvf-lddmm")
 AVAILABLE_MODES = ("intensity", "affine", "coarse", "same", "tvf", "tvf-lddmm")
 TVF_MODES = ("tvf", "tvf-lddmm")
 SAM_MODES = ("affine", "coarse", "same")
-DEFAULT_MODE = "intensity"
+DEFAULT_MODE = "same"
 
 
 @dataclass(frozen=True)

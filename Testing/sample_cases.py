@@ -27,6 +27,9 @@ TORSO = REPO / "Resources" / "SampleData" / "patientA_torso_ct.nii.gz"
 VOXEL_MM = 8.0
 CROP_MM = (240.0, 192.0, 96.0)
 FAST_OPTIONS = {"spacing": 8.0, "threads": 1, "affine_levels": [8.0], "affine_iterations": [120]}
+FAST_MODE = "intensity"
+"""The mode of the Slicer-side test runs: the intensity baseline, which runs at the 8 mm spacing
+(the default mode, SAME, runs its learned stage at 2 mm and is tested in test_sam_voxelmorph.py)."""
 """Registration options of every test run: 8 mm working grid, one thread (two threads next to other
 busy processes on a 2-core machine run slower), a single 8 mm affine level."""
 LABEL_NAMES = {1: "bone", 2: "soft tissue"}

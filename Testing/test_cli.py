@@ -50,7 +50,7 @@ TORSO = REPO / "Resources" / "SampleData" / "patientA_torso_ct.nii.gz"
 VOXEL_MM = 6.0
 CROP_MM = (240.0, 192.0, 96.0)
 """Physical size (x, y, z) of the test image: registration time grows with it (working grids are in mm)."""
-FAST = ["--spacing", "8", "--threads", "1", "--device", "cpu"]
+FAST = ["--mode", "intensity", "--spacing", "8", "--threads", "1", "--device", "cpu"]
 """One thread: on the 2 shared cores of the test machines, 2 PyTorch threads next to any other busy
 process run several times slower (measured 13 s instead of 4-5 s per registration), 1 does not."""
 
@@ -433,7 +433,8 @@ def test_cancel_during_the_affine_stage_leaves_no_outputs(inputs, tmp_path):
 
     request = RegistrationRequest(
         fixed=inputs.fixed, moving=inputs.moving, output_dir=outdir, moving_labels=inputs.moving_labels,
-        fixed_labels=inputs.fixed_labels, device="cpu", options=RegistrationOptions(spacing=8.0, threads=1))
+        fixed_labels=inputs.fixed_labels, mode="intensity", device="cpu",
+        options=RegistrationOptions(spacing=8.0, threads=1))
     with pytest.raises(RegistrationCancelled):
         register_files(request, on_progress=on_progress, cancel=cancel)
     assert cancel.is_set()
@@ -491,7 +492,7 @@ def test_thread_settings_are_restored_after_a_run(inputs, tmp_path):
     torch_threads = torch.get_num_threads()
     sitk_threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     code, _, _, _ = run_main([str(inputs.fixed), str(inputs.moving), "-o", str(tmp_path / "out"), "--quiet",
-                              "--no-overview", "--spacing", "8", "--threads", str(torch_threads + 1)])
+                              "--no-overview", "--mode", "intensity", "--spacing", "8", "--threads", str(torch_threads + 1)])
     assert code == 0
     assert torch.get_num_threads() == torch_threads
     assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == sitk_threads

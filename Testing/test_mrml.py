@@ -18,7 +18,7 @@ import SimpleITK as sitk
 import slicer  # pip slicer-core (test extra, installed by scripts/setup_env.sh)
 import torch
 
-from sample_cases import FAST_OPTIONS, LABEL_NAMES, tiny_pair
+from sample_cases import FAST_MODE, FAST_OPTIONS, LABEL_NAMES, tiny_pair
 
 from SAMERegistrationLib import mrml
 from SAMERegistrationLib.export import read_initial_transform, write_affine
@@ -245,7 +245,7 @@ def registered() -> Registered:
     events: list = []
     start = time.perf_counter()
     run = mrml.NodeRegistration(inputs, mrml.RegistrationOutputs(affine=affine_node),
-                                {"device": "cpu", "options": FAST_OPTIONS}, keep_files=True).start()
+                                {"mode": FAST_MODE, "device": "cpu", "options": FAST_OPTIONS}, keep_files=True).start()
     outputs = run.wait(timeout=300, on_event=events.append)
     seconds = time.perf_counter() - start
     result = Registered(scene, inputs, run, outputs, before, {k: node_state(n) for k, n in nodes.items()},
@@ -366,7 +366,7 @@ def test_rerun_with_the_same_output_nodes_replaces_their_content(registered):
     first_max = np.abs(slicer.util.arrayFromGridTransform(first.transform)).max()
     run = mrml.NodeRegistration(mrml.RegistrationInputs(registered.inputs.fixed, fixed_copy),
                                 mrml.RegistrationOutputs(first.transform, None, first.warped, first.jacobian),
-                                {"device": "cpu", "options": FAST_OPTIONS}).start()
+                                {"mode": FAST_MODE, "device": "cpu", "options": FAST_OPTIONS}).start()
     second = run.wait(timeout=300)
     assert {n.GetID() for n in (second.transform, second.warped, second.jacobian)} == ids
     assert scene_node_ids(scene) == nodes_before, "nodes were added or removed"
@@ -384,7 +384,7 @@ def test_cancel_kills_the_worker_and_creates_no_node():
     scene = new_scene()
     inputs = mrml.RegistrationInputs(add_volume(scene, data.fixed, "fixed"), add_volume(scene, data.moving, "moving"))
     nodes_before = scene_node_ids(scene)
-    run = mrml.NodeRegistration(inputs, mrml.RegistrationOutputs(), {"device": "cpu", "options": FAST_OPTIONS}).start()
+    run = mrml.NodeRegistration(inputs, mrml.RegistrationOutputs(), {"mode": FAST_MODE, "device": "cpu", "options": FAST_OPTIONS}).start()
     deadline = time.monotonic() + 60
     while not any(e["event"] == "progress" for e in run.poll()):
         assert time.monotonic() < deadline and run.running
@@ -407,7 +407,7 @@ def test_bad_input_fails_with_the_backends_message_and_creates_no_node():
     constant = Image(torch.full(data.moving.grid.shape, 7.0), data.moving.grid)
     inputs = mrml.RegistrationInputs(add_volume(scene, data.fixed, "fixed"), add_volume(scene, constant, "flat"))
     nodes_before = scene_node_ids(scene)
-    run = mrml.NodeRegistration(inputs, mrml.RegistrationOutputs(), {"device": "cpu", "options": FAST_OPTIONS}).start()
+    run = mrml.NodeRegistration(inputs, mrml.RegistrationOutputs(), {"mode": FAST_MODE, "device": "cpu", "options": FAST_OPTIONS}).start()
     with pytest.raises(RuntimeError, match="is constant"):
         run.wait(timeout=120)
     assert run.state == "failed" and run.error_kind == "input"

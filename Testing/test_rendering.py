@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sample_cases import FAST_OPTIONS, LABEL_NAMES, REPO, tiny_pair  # noqa: E402
+from sample_cases import FAST_MODE, FAST_OPTIONS, LABEL_NAMES, REPO, tiny_pair  # noqa: E402
 
 from SAMERegistrationLib import mrml  # noqa: E402
 from SAMERegistrationLib.image import Image  # noqa: E402
@@ -139,7 +139,7 @@ def render_registration(fixed: Image, moving: Image, fixed_labels: Image | None,
         fixed_segments.GetDisplayNode().SetVisibility(False)
     start = time.perf_counter()
     run = mrml.NodeRegistration(mrml.RegistrationInputs(fixed_node, moving_node, fixed_segments, moving_segments),
-                                mrml.RegistrationOutputs(), {"device": "cpu", "options": options}).start()
+                                mrml.RegistrationOutputs(), {"mode": FAST_MODE, "device": "cpu", "options": options}).start()
     result = run.wait(timeout=600)
     seconds = time.perf_counter() - start
     result.warped_segmentation.GetDisplayNode().SetVisibility(False)

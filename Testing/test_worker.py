@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import SimpleITK as sitk
 
-from sample_cases import FAST_OPTIONS, write_tiny_pair
+from sample_cases import FAST_MODE, FAST_OPTIONS, write_tiny_pair
 
 from SAMERegistrationLib.outputs import (
     AFFINE_FILE, DISPLACEMENT_FILE, JACOBIAN_FILE, SUMMARY_FILE, TRANSFORM_FILE, WARPED_FILE, WARPED_LABELS_FILE,
@@ -36,7 +36,7 @@ def pair(tmp_path_factory) -> dict[str, Path]:
 def request(pair: dict[str, Path], outdir: Path, **changes) -> dict:
     fields = {"fixed": str(pair["fixed"]), "moving": str(pair["moving"]), "output_dir": str(outdir),
               "fixed_labels": str(pair["fixed_labels"]), "moving_labels": str(pair["moving_labels"]),
-              "device": "cpu", "overview": False, "options": FAST_OPTIONS}
+              "mode": FAST_MODE, "device": "cpu", "overview": False, "options": FAST_OPTIONS}
     fields.update(changes)
     return fields
 
