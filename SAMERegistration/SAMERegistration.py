@@ -129,10 +129,16 @@ class RegistrationMode(enum.Enum):
     INTENSITY = "intensity"
     SAME = "same"
     TVF = "tvf"
+    TVF_LDDMM = "tvf-lddmm"
+
+    @property
+    def isTVF(self) -> bool:
+        """True for the modes that also give the inverse transform."""
+        return self in (RegistrationMode.TVF, RegistrationMode.TVF_LDDMM)
 
     def label(self):
         return {"intensity": _("Intensity baseline"), "same": _("SAME (three-stage)"),
-                "tvf": _("TVF-diffeomorphic")}[self.value]
+                "tvf": _("TVF-diffeomorphic"), "tvf-lddmm": _("TVF-diffeomorphic (LDDMM regulariser)")}[self.value]
 
 
 class Preset(enum.Enum):
@@ -284,12 +290,14 @@ class SAMERegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         same = parameters.mode == RegistrationMode.SAME
         self.ui.sameStagesGroupBox.enabled = same and not running
         self.ui.weightsPathLineEdit.enabled = same and not running
-        self.ui.inverseTransformSelector.enabled = parameters.mode == RegistrationMode.TVF and not running
+        self.ui.inverseTransformSelector.enabled = parameters.mode.isTVF and not running
         self.ui.gridSpacingSpinBox.enabled = parameters.showGrid
         self.ui.modeDescriptionLabel.text = {
             RegistrationMode.INTENSITY: _("Initial alignment, affine and diffeomorphic deformable stages on intensities."),
             RegistrationMode.SAME: self.sameDescription() if same else "",
             RegistrationMode.TVF: _("SAM-affine, then time-dependent velocity fields; also gives the inverse transform."),
+            RegistrationMode.TVF_LDDMM: _("As TVF-diffeomorphic, with the LDDMM regulariser (smoother, never folds); "
+                                          "also gives the inverse transform."),
         }[parameters.mode]
         for widget in (self.ui.inputsCollapsibleButton, self.ui.methodCollapsibleButton, self.ui.outputsCollapsibleButton):
             widget.enabled = not running
@@ -504,7 +512,7 @@ class SAMERegistrationLogic(ScriptedLoadableModuleLogic):
         outputs = mrml.RegistrationOutputs(
             transform=parameters.outputTransform, affine=parameters.outputAffine, warped=parameters.warpedVolume,
             jacobian=parameters.jacobianVolume, warped_segmentation=parameters.warpedSegmentation,
-            inverse=parameters.inverseTransform if parameters.mode == RegistrationMode.TVF else None)
+            inverse=parameters.inverseTransform if parameters.mode.isTVF else None)
         request = {"mode": libraryModeName(parameters), "device": parameters.device.value,
                    "options": {"spacing": parameters.preset.value}}
         weights = str(parameters.customWeights)
