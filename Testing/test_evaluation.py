@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import signal
@@ -41,6 +42,11 @@ def failing_method(fixed: Image, moving: Image, context: RunContext) -> SpatialT
 def crashing_method(fixed: Image, moving: Image, context: RunContext) -> SpatialTransform:
     """A plug-in method whose process dies as in a segmentation fault."""
     os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def _results_as_text(rows: list[harness.Row]) -> str:
+    """Status, metrics and per-label scores of ``rows`` as JSON (compares NaN entries as equal)."""
+    return json.dumps([(row.status, row.metrics, row.per_label) for row in rows], default=lambda value: value.item())
 
 
 def test_hd95_of_a_shifted_box_is_the_shift_in_mm():
@@ -111,8 +117,14 @@ def test_harness_end_to_end(tmp_path, monkeypatch):
     methods += [missing, unavailable]
     fields = tmp_path / "fields"
     rows = harness.run_benchmark([SAMPLE_PAIR], methods, threads=1, spacing=SPACING_MM, timeout_s=300,
-                                 fields=fields, log=lambda line: None)
+                                 fields=fields, records=tmp_path / "rows", log=lambda line: None)
     write_report(rows, tmp_path / "out", "test", ["threads: 1"])
+
+    lines: list[str] = []  # a resumed run reuses every recorded row and reports the same numbers
+    resumed = harness.run_benchmark([SAMPLE_PAIR], methods, threads=1, spacing=SPACING_MM, timeout_s=300,
+                                    records=tmp_path / "rows", resume=True, log=lines.append)
+    assert sum(": reused, " in line for line in lines) == len(methods)
+    assert _results_as_text(resumed) == _results_as_text(rows)
 
     with open(tmp_path / "out" / "results.csv") as stream:
         table = {row["method"]: row for row in csv.DictReader(stream)}

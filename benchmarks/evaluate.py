@@ -6,7 +6,8 @@ pinned to ``--threads`` threads, samples its result as a displacement field on t
 scores it with the same code: Dice and HD95 per label (moving labels warped by nearest neighbour),
 target registration error where a known deformation or landmarks exist, % J <= 0 and std(log J)
 inside the fixed body mask, time and peak memory. Writes results.csv, per_label.csv, results.md,
-dice_boxplot.png and time_vs_dice.png into ``--output``/<pair-list name>/.
+dice_boxplot.png and time_vs_dice.png into ``--output``/<pair-list name>/, and each finished row
+into its ``rows/`` folder (``--resume`` reuses them: an interrupted run goes on where it stopped).
 
 Methods (``--methods all`` or a comma-separated list): ``identity`` (no registration); our modes
 ``intensity``, ``affine``, ``coarse``, ``same``, ``tvf``, ``tvf-lddmm`` (a mode not available in this
@@ -78,8 +79,17 @@ def evaluate_pair_list(pairs: Path, methods: list[Method], args: argparse.Namesp
                f"threads: {args.threads} for every method; working spacing {args.spacing:g} mm; CPU",
                f"command: `{command}`"]
     fields = args.save_fields / pairs.stem if args.save_fields else None
-    rows = run_benchmark(specs, methods, args.threads, args.spacing, args.timeout, fields)
-    setting.append(f"wall time of the whole run: {(datetime.datetime.now() - started).total_seconds() / 60:.0f} min")
+    lines: list[str] = []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        print(line, file=sys.stderr, flush=True)
+
+    rows = run_benchmark(specs, methods, args.threads, args.spacing, args.timeout, fields,
+                         records=args.output / pairs.stem / "rows", resume=args.resume, log=log)
+    reused = sum(": reused, " in line for line in lines)
+    setting.append(f"wall time of this run: {(datetime.datetime.now() - started).total_seconds() / 60:.0f} min"
+                   + (f"; {reused} of {len(rows)} rows reused from an earlier run (--resume)" if reused else ""))
     return write_report(rows, args.output / pairs.stem, f"Evaluation against established tools: {pairs.stem}", setting)
 
 
@@ -92,6 +102,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per method and pair (default 1800)")
     parser.add_argument("--output", type=Path, required=True,
                         help="results folder: each pair list's results go into OUTPUT/<pair-list name>/")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the rows an earlier run left in OUTPUT/<pair-list name>/rows/ (same threads); "
+                             "delete a method's files there to run it again")
     parser.add_argument("--save-fields", type=Path, metavar="DIR",
                         help="also write every result as an ITK displacement-field transform (.h5) into DIR")
     args = parser.parse_args(argv)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import json
 import re
 import sys
 import tempfile
@@ -66,8 +68,24 @@ def method_status(method: Method) -> str | None:
     return None
 
 
+def save_row(row: Row, path: Path) -> None:
+    """Writes ``row`` as JSON (the method by name) so that a later run can reuse it."""
+    record = dataclasses.asdict(row) | {"method": row.method.name}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1, default=lambda value: value.item()))  # numpy scalars
+
+
+def load_row(path: Path, method: Method) -> Row:
+    """The row saved by :func:`save_row` at ``path``, for ``method``."""
+    record = json.loads(path.read_text())
+    record["method"] = method
+    record["per_label"] = [{**entry, "label": int(entry["label"])} for entry in record["per_label"]]
+    return Row(**record)
+
+
 def run_benchmark(specs: list[PairSpec], methods: list[Method], threads: int, spacing: float,
-                  timeout_s: float, fields: Path | None = None,
+                  timeout_s: float, fields: Path | None = None, records: Path | None = None,
+                  resume: bool = False,
                   log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> list[Row]:
     """Prepares every pair (so a missing file stops the run before any registration), then runs each
     method on each pair in a worker and evaluates its displacement field.
@@ -77,6 +95,9 @@ def run_benchmark(specs: list[PairSpec], methods: list[Method], threads: int, sp
         threads, spacing, timeout_s: see :func:`run_in_worker`.
         fields: if given, a folder that receives every result as an ITK displacement-field transform
             ``PAIR__METHOD.h5`` on the prepared fixed grid.
+        records: if given, a folder that receives every row as ``PAIR__METHOD.json`` once it is done.
+        resume: reuse the rows already in ``records`` that ran with the same threads (an interrupted
+            run goes on where it stopped; delete a method's records to run it again).
         log: receives one progress line per pair and method.
     """
     start = time.perf_counter()
@@ -91,10 +112,16 @@ def run_benchmark(specs: list[PairSpec], methods: list[Method], threads: int, sp
             write_image(pair.fixed, fixed_path, sitk.sitkFloat32)
             write_image(pair.moving, moving_path, sitk.sitkFloat32)
             for method in methods:
-                row = _run_one(spec, pair, method, fixed_path, moving_path, folder / _safe(method.name),
-                               threads, spacing, timeout_s, fields)
+                record = records / f"{_safe(pair.name)}__{_safe(method.name)}.json" if records else None
+                if resume and record is not None and record.exists() and load_row(record, method).threads == threads:
+                    row, how = load_row(record, method), "reused"
+                else:
+                    row, how = _run_one(spec, pair, method, fixed_path, moving_path, folder / _safe(method.name),
+                                        threads, spacing, timeout_s, fields), "ran"
+                    if record is not None:
+                        save_row(row, record)
                 rows.append(row)
-                log(f"[{time.perf_counter() - start:6.0f} s] {pair.name} / {method.name}: {row.status}"
+                log(f"[{time.perf_counter() - start:6.0f} s] {pair.name} / {method.name}: {how}, {row.status}"
                     + (f", {row.seconds:.1f} s" if row.seconds is not None else ""))
     return rows
 
