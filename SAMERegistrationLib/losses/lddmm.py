@@ -7,11 +7,14 @@ Fourier domain ``-Laplacian`` is multiplication by ``|omega|^2 = sum_d (2 pi f_d
 cycles per mm), so ``L`` is multiplication by ``(alpha |omega|^2 + gamma) ** beta`` (any real
 ``beta``; the spectral symbol is exact for band-limited fields, unlike a finite-difference stencil).
 
-Boundary: each field is extended by mirroring about its outer voxel faces (even, DCT-II symmetry)
-before the FFT, so a field that differs between opposite faces is not treated as having a jump
-there (periodic extension would penalise that jump heavily); ``L v`` is read back on the original
-voxels. A cosine ``cos(pi m (k + 1/2) / n)`` along an axis of ``n`` voxels is an exact
-eigenfunction of this discretisation.
+Boundary: the field is treated as mirrored about its outer voxel faces (even symmetry), so a field
+that differs between opposite faces is not treated as having a jump there (a periodic FFT would
+penalise that jump heavily). The mirrored field's Fourier basis is the DCT-II basis: a cosine
+``cos(pi m (k + 1/2) / n)`` along an axis of ``n`` voxels is an exact eigenfunction, with
+``|omega| = pi m / (n h)``. ``L`` is therefore applied as ``C^T diag(symbol) C`` with the orthonormal
+DCT-II matrices ``C`` of the three axes (three small matrix products each way: about 10x faster
+and 8x smaller than an FFT of the mirror-extended field), and, by Parseval, the unweighted energy
+is the mean of ``(symbol * C v)^2`` without transforming back.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-_DIMS = (4, 3, 2)  # array dim of x, y, z (spacing order)
 
 
 def lddmm_operator(velocity: Tensor, spacing: Sequence[float], alpha: float = 0.01, gamma: float = 0.001,
@@ -42,20 +44,9 @@ def lddmm_operator(velocity: Tensor, spacing: Sequence[float], alpha: float = 0.
     Raises:
         ValueError: a non-5-D field, a bad spacing, or non-positive ``alpha``, ``gamma``, ``beta``.
     """
-    if velocity.dim() != 5:
-        raise ValueError(f"lddmm_operator(): 'velocity' must be (N, C, D, H, W), got {tuple(velocity.shape)}")
-    if len(spacing) != 3 or min(float(s) for s in spacing) <= 0:
-        raise ValueError(f"lddmm_operator(): 'spacing' must be 3 positive sizes in mm, got {tuple(spacing)}")
-    if min(alpha, gamma, beta) <= 0:
-        raise ValueError(f"lddmm_operator(): alpha, gamma and beta must be positive, got {alpha}, {gamma}, {beta}")
-    shape = velocity.shape[2:]
-    mirrored = velocity
-    for dim in _DIMS:
-        mirrored = torch.cat([mirrored, mirrored.flip(dim)], dim=dim)
-    spectrum = torch.fft.rfftn(mirrored, dim=(2, 3, 4))
-    symbol = _symbol(mirrored.shape[2:], spacing, alpha, gamma, beta, velocity.device)
-    filtered = torch.fft.irfftn(spectrum * symbol.to(spectrum.real.dtype), s=mirrored.shape[2:], dim=(2, 3, 4))
-    return filtered[:, :, :shape[0], :shape[1], :shape[2]]
+    _check(velocity, spacing, alpha, gamma, beta)
+    symbol = _symbol(velocity.shape[2:], spacing, alpha, gamma, beta, velocity.device).to(velocity.dtype)
+    return _dct(symbol * _dct(velocity), inverse=True)
 
 
 def lddmm_energy(velocity: Tensor, spacing: Sequence[float], weight: Tensor | None = None, alpha: float = 0.01,
@@ -73,9 +64,11 @@ def lddmm_energy(velocity: Tensor, spacing: Sequence[float], weight: Tensor | No
     Returns:
         0-dim tensor in mm^2.
     """
+    if weight is None:  # Parseval: the orthonormal DCT keeps sums of squares
+        _check(velocity, spacing, alpha, gamma, beta)
+        symbol = _symbol(velocity.shape[2:], spacing, alpha, gamma, beta, velocity.device).to(velocity.dtype)
+        return (symbol * _dct(velocity)).square().mean()
     squared = lddmm_operator(velocity, spacing, alpha, gamma, beta).square()
-    if weight is None:
-        return squared.mean()
     if velocity.shape[0] % weight.shape[0]:
         raise ValueError(f"lddmm_energy(): 'weight' batch {weight.shape[0]} does not divide the field batch "
                          f"{velocity.shape[0]}")
@@ -83,12 +76,38 @@ def lddmm_energy(velocity: Tensor, spacing: Sequence[float], weight: Tensor | No
     return (squared * tiled).sum() / tiled.sum().clamp_min(1e-12)
 
 
+def _check(velocity: Tensor, spacing: Sequence[float], alpha: float, gamma: float, beta: float) -> None:
+    if velocity.dim() != 5:
+        raise ValueError(f"lddmm: 'velocity' must be (N, C, D, H, W), got {tuple(velocity.shape)}")
+    if len(spacing) != 3 or min(float(s) for s in spacing) <= 0:
+        raise ValueError(f"lddmm: 'spacing' must be 3 positive sizes in mm, got {tuple(spacing)}")
+    if min(alpha, gamma, beta) <= 0:
+        raise ValueError(f"lddmm: alpha, gamma and beta must be positive, got {alpha}, {gamma}, {beta}")
+
+
 def _symbol(shape: Sequence[int], spacing: Sequence[float], alpha: float, gamma: float, beta: float,
             device: torch.device) -> Tensor:
-    """``(alpha |omega|^2 + gamma)^beta`` on the ``rfftn`` frequency grid of ``shape`` (D, H, W)."""
-    step_z, step_y, step_x = (float(spacing[2]), float(spacing[1]), float(spacing[0]))
-    fz = torch.fft.fftfreq(shape[0], d=step_z, dtype=torch.float64, device=device)
-    fy = torch.fft.fftfreq(shape[1], d=step_y, dtype=torch.float64, device=device)
-    fx = torch.fft.rfftfreq(shape[2], d=step_x, dtype=torch.float64, device=device)
-    omega2 = (2 * math.pi) ** 2 * (fz[:, None, None] ** 2 + fy[None, :, None] ** 2 + fx[None, None, :] ** 2)
+    """``(alpha |omega|^2 + gamma)^beta`` for the DCT-II frequencies of ``shape`` (D, H, W):
+    ``|omega|^2 = sum_d (pi m_d / (n_d h_d))^2`` (float64)."""
+    squared = [(math.pi * torch.arange(n, dtype=torch.float64, device=device) / (n * float(h))) ** 2
+               for n, h in zip(shape, (spacing[2], spacing[1], spacing[0]))]
+    omega2 = squared[0][:, None, None] + squared[1][None, :, None] + squared[2][None, None, :]
     return (alpha * omega2 + gamma) ** beta
+
+
+def _dct_matrix(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The orthonormal DCT-II matrix ``(n, n)``: row ``m`` samples ``cos(pi m (k + 1/2) / n)``."""
+    k = torch.arange(n, dtype=torch.float64, device=device)
+    matrix = torch.cos(math.pi * k[:, None] * (k[None, :] + 0.5) / n) * math.sqrt(2.0 / n)
+    matrix[0] /= math.sqrt(2.0)
+    return matrix.to(dtype)
+
+
+def _dct(field: Tensor, inverse: bool = False) -> Tensor:
+    """Orthonormal 3-D DCT-II of ``(N, C, D, H, W)`` over its last three axes (``inverse``: DCT-III,
+    its inverse, i.e. the transposed matrices)."""
+    depth, height, width = field.shape[2:]
+    cz, cy, cx = (_dct_matrix(n, field.dtype, field.device) for n in (depth, height, width))
+    if inverse:
+        cz, cy, cx = cz.T, cy.T, cx.T
+    return torch.einsum("ncdhw,zd,yh,xw->nczyx", field, cz, cy, cx)
