@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -42,6 +43,13 @@ def failing_method(fixed: Image, moving: Image, context: RunContext) -> SpatialT
 def crashing_method(fixed: Image, moving: Image, context: RunContext) -> SpatialTransform:
     """A plug-in method whose process dies as in a segmentation fault."""
     os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def nan_method(fixed: Image, moving: Image, context: RunContext) -> SpatialTransform:
+    """A plug-in method whose field is NaN in one voxel (must fail, not be scored)."""
+    field = torch.zeros((3, *fixed.grid.shape))
+    field[1, 0, 0, 0] = float("nan")
+    return SpatialTransform(np.eye(4), field, fixed.grid)
 
 
 def _results_as_text(rows: list[harness.Row]) -> str:
@@ -113,7 +121,8 @@ def test_harness_end_to_end(tmp_path, monkeypatch):
                      ("no-such-tool",))
     unavailable = Method("future-mode", "a future mode", "none", None, kind="ours")
     methods = [registry.resolve_method(name) for name in
-               ("affine", "Testing.test_evaluation:failing_method", "Testing.test_evaluation:crashing_method")]
+               ("affine", "Testing.test_evaluation:failing_method", "Testing.test_evaluation:crashing_method",
+                "Testing.test_evaluation:nan_method")]
     methods += [missing, unavailable]
     fields = tmp_path / "fields"
     rows = harness.run_benchmark([SAMPLE_PAIR], methods, threads=1, spacing=SPACING_MM, timeout_s=300,
@@ -132,6 +141,8 @@ def test_harness_end_to_end(tmp_path, monkeypatch):
     assert table["Testing.test_evaluation:failing_method"]["status"] == \
         "failed: RuntimeError: this method always fails"
     assert table["Testing.test_evaluation:crashing_method"]["status"] == "failed: killed by SIGSEGV"
+    assert re.fullmatch(r"failed: RuntimeError: the result has \d+ of \d+ voxels with a non-finite displacement",
+                        table["Testing.test_evaluation:nan_method"]["status"])
     assert table["missing-tool"]["status"].startswith(f"{NOT_INSTALLED}: no module no_such_module_xyz")
     assert table["future-mode"]["status"] == NOT_AVAILABLE
     assert float(table["affine"]["seconds"]) > 0 and float(table["affine"]["cpu_seconds"]) > 0

@@ -141,6 +141,10 @@ def main(request_path: str) -> int:
         with PeakMemory(torch.device("cpu")) as memory:
             displacement = method.run(fixed, moving, context).displacement_on(fixed.grid)
         seconds, cpu_seconds = time.perf_counter() - start, _cpu_seconds() - cpu_start
+        bad = int((~torch.isfinite(displacement)).any(dim=0).sum())
+        if bad:
+            raise RuntimeError(f"the result has {bad} of {displacement[0].numel()} voxels with a non-finite "
+                               "displacement")
     except Exception as error:   # the method failed: its row says why
         traceback.print_exc()
         message = " ".join(f"{type(error).__name__}: {error}".split())[:MESSAGE_CHARACTERS]
