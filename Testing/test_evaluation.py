@@ -19,7 +19,7 @@ from benchmarks.evaluation import harness, registry
 from benchmarks.evaluation.method import NOT_AVAILABLE, NOT_INSTALLED, Method, RunContext
 from benchmarks.evaluation.metrics import evaluate, hd95_mm
 from benchmarks.evaluation.pairs import CT_THRESHOLD, PairSpec, load_pair_list, prepare_pair
-from benchmarks.evaluation.report import write_report
+from benchmarks.evaluation.report import README_END, README_START, update_readme, write_report
 from SAMERegistrationLib.export import read_initial_transform
 from SAMERegistrationLib.image import Image
 from SAMERegistrationLib.metrics import dice_per_label, shared_labels
@@ -160,5 +160,14 @@ def test_harness_end_to_end(tmp_path, monkeypatch):
     assert per_label == pytest.approx(dice, abs=1e-6)
 
     markdown = (tmp_path / "out" / "results.md").read_text()
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Tool\nbefore\n{README_START}\nold results\n{README_END}\nafter\n")
+    update_readme(readme, [tmp_path / "out" / "results.md"])
+    text = readme.read_text()
+    assert text.startswith("# Tool\nbefore\n") and text.endswith(f"{README_END}\nafter\n") and "old results" not in text
+    assert "#### Summary: inter-patient" in text and "| SAMERegistration --mode affine | 1 of 1 |" in text
+    assert "[`out/results.md`](out/results.md)" in text and "## Every pair and method" not in text
+    with pytest.raises(ValueError, match="add the lines"):
+        update_readme(tmp_path / "out" / "results.md", [tmp_path / "out" / "results.md"])
     assert "| a missing tool | not installed: no module no_such_module_xyz" in markdown
     assert (tmp_path / "out" / "dice_boxplot.png").exists() and (tmp_path / "out" / "time_vs_dice.png").exists()

@@ -19,9 +19,10 @@ Every image is first resampled to isotropic ``--spacing`` mm (and our modes work
 the same for all methods. Derived lung / bone / body labels of the chest CTs: see
 ``ct_threshold_labels`` in benchmarks/evaluation/pairs.py.
 
-Usage (the README's results: both pair lists, every method, 2 threads, 4 mm):
+Usage (the README's results: both pair lists, every method, 1 thread, 4 mm; ``--resume`` reuses
+finished rows, ``--readme`` rewrites the README's results block):
     python benchmarks/evaluate.py --pairs benchmarks/pairs/sample.json benchmarks/pairs/shared_ct.json \\
-        --methods all --threads 2 --spacing 4 --output benchmarks/results
+        --methods all --threads 1 --spacing 4 --output benchmarks/results --resume --readme README.md
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from benchmarks.evaluation.harness import run_benchmark  # noqa: E402  (after ma
 from benchmarks.evaluation.method import Method  # noqa: E402
 from benchmarks.evaluation.pairs import load_pair_list  # noqa: E402
 from benchmarks.evaluation.registry import known_methods, resolve_method  # noqa: E402
-from benchmarks.evaluation.report import write_report  # noqa: E402
+from benchmarks.evaluation.report import update_readme, write_report  # noqa: E402
 
 GROUPS = {"ours": "ours", "peers": "peer"}
 
@@ -105,6 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="reuse the rows an earlier run left in OUTPUT/<pair-list name>/rows/ (same threads); "
                              "delete a method's files there to run it again")
+    parser.add_argument("--readme", type=Path, metavar="FILE",
+                        help="also rewrite the evaluation block of FILE (e.g. README.md) with the summary tables")
     parser.add_argument("--save-fields", type=Path, metavar="DIR",
                         help="also write every result as an ITK displacement-field transform (.h5) into DIR")
     args = parser.parse_args(argv)
@@ -112,9 +115,14 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     methods = select_methods(args.methods)
     command = "python benchmarks/evaluate.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    reports = []
     for pairs in args.pairs:
         for path in evaluate_pair_list(pairs, methods, args, command):
             print(path)
+            reports += [path] if path.name == "results.md" else []
+    if args.readme:
+        update_readme(args.readme, reports)
+        print(args.readme)
 
 
 if __name__ == "__main__":

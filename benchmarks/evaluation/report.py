@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -134,6 +135,33 @@ def _write_markdown(rows: Sequence[Row], path: Path, title: str, setting: Sequen
     parts += ["", "## Metrics", "", METRIC_NOTES, ""]
     path.write_text("\n".join(parts))
     return path
+
+
+README_START = "<!-- evaluation results: written by benchmarks/evaluate.py --readme; do not edit by hand -->"
+README_END = "<!-- end of evaluation results -->"
+
+
+def update_readme(readme: Path, reports: Sequence[Path]) -> None:
+    """Replaces the block between :data:`README_START` and :data:`README_END` in ``readme`` by the
+    setting and summary tables of each ``results.md`` in ``reports`` (headings moved down two levels,
+    a link to the full report and its plots).
+
+    Raises:
+        ValueError: ``readme`` lacks the two marker lines.
+    """
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{readme}: add the lines {README_START!r} and {README_END!r} where the results go")
+    block = [README_START, ""]
+    for report in reports:
+        summary = report.read_text().split("\n## Every pair and method")[0].strip().splitlines()
+        folder = Path(os.path.relpath(report.parent.resolve(), readme.parent.resolve())).as_posix()
+        block += [("##" + line) if line.startswith("#") else line for line in summary]
+        block += ["", f"Every pair and method, the methods' configurations and the metrics: "
+                      f"[`{folder}/results.md`]({folder}/results.md); plots: `{folder}/dice_boxplot.png`, "
+                      f"`{folder}/time_vs_dice.png`; CSV: `{folder}/results.csv`, `{folder}/per_label.csv`.", ""]
+    start, end = text.index(README_START), text.index(README_END)
+    readme.write_text(text[:start] + "\n".join(block) + "\n" + text[end:])
 
 
 def _plots(rows: Sequence[Row], folder: Path) -> list[Path]:
