@@ -91,13 +91,14 @@ cross-correlation. Works across patients and scanners; limits: intensity only, s
 anatomical differences (organs that are absent or very differently shaped) are only partly
 recovered; about a minute on a CPU at the default preset.</li>
 <li><b>SAME</b> (three stages, each switchable: SAM-affine; SAM-affine + SAM-coarse; all three
-with SAM-deformable): matches self-supervised anatomical embeddings (SAM) of both images instead of
+with SAM-VoxelMorph): matches self-supervised anatomical embeddings (SAM) of both images instead of
 intensities, so it copes with large initial misalignment and different patients. Uses the SAM
-weights shipped with the extension (checked by checksum) or your own weights file. Limits: trained
-for CT; stage combinations that the installed version does not have yet are reported when chosen
-(the SAM-deformable stage is still to come).</li>
-<li><b>TVF-diffeomorphic</b>: SAM-affine, then eight time-dependent velocity fields predicted by a
-network and refined on the pair; smooth and invertible by construction, it gives the inverse
+weights shipped with the extension (checked by checksum) or your own weights file; the third stage,
+SAM-VoxelMorph, is a network refined on the pair. Limits: trained for CT on few scans; SAM-coarse
+may fold a few voxels (the log gives the %).</li>
+<li><b>TVF-diffeomorphic</b>: SAM-affine and SAM-coarse (turned into small invertible velocity
+steps), then eight time-dependent velocity fields predicted by a network, all refined on the pair;
+smooth and invertible by construction, it gives the inverse
 transform (moving to fixed) too, e.g. to map segmentations both ways. Limits: trained for CT on
 few scans.</li>
 </ul>

@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "ones; FILE.sha256 must hold its SHA-256)")
     parser.add_argument("--tvf-weights", metavar="FILE", help="TVF weights for --mode tvf / tvf-lddmm (default: the "
                                                               "shipped ones; FILE.sha256 must hold its SHA-256)")
-    parser.add_argument("--no-sam-coarse", action="store_true", help="--mode same without the SAM-coarse stage")
+    parser.add_argument("--no-sam-coarse", action="store_true", help="--mode same, tvf, tvf-lddmm without the SAM-coarse stage")
     parser.add_argument("--refine-iterations", type=int, metavar="N",
                         help="test-time refinement iterations of the learned stages (0: network output only; "
                              "default: the stage's own, 50 for SAM-VoxelMorph)")

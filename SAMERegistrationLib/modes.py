@@ -3,7 +3,7 @@
 The names are a contract shared by the CLI, the Slicer module and saved scenes:
 ``intensity`` (intensity-only baseline: initial alignment, affine, deformable), ``affine``
 (SAM-affine), ``coarse`` (SAM-affine + SAM-coarse), ``same`` (the full SAME pipeline), ``tvf`` and
-``tvf-lddmm`` (SAM-affine, then time-dependent velocity fields with their inverse).
+``tvf-lddmm`` (SAM-affine, SAM-coarse, then time-dependent velocity fields with their inverse).
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ class ModeSettings:
         sam_weights: SAM network weights (default: the shipped ones).
         vm_weights: SAM-VoxelMorph weights for ``same`` (default: the shipped ones).
         tvf_weights: TVF network weights for ``tvf`` / ``tvf-lddmm`` (default: the shipped ones).
-        sam_coarse: run SAM-coarse inside ``same`` (switch it off to compare).
+        sam_coarse: run SAM-coarse inside ``same`` and the TVF modes (switch it off to compare; the
+            TVF stage turns the SAM-coarse field into invertible velocity steps).
         refine_iterations: test-time instance optimisation iterations of a learned stage
             (None: the stage's default; 0: network output only).
         similarity: similarity spec of the test-time refinement (see ``learning.objective``;
@@ -73,7 +74,7 @@ def build_pipeline(mode: str, has_initial_transform: bool = False, settings: Mod
         return RegistrationPipeline(stages + [IntensityAffine(), IntensityDeformable()])
     model = load_sam(settings.sam_weights)
     stages = [IntensityAffine()] if has_initial_transform else [SAMAffine(model)]
-    if mode == "coarse" or (mode == "same" and settings.sam_coarse):
+    if mode == "coarse" or (mode in ("same", *TVF_MODES) and settings.sam_coarse):
         stages.append(SAMCoarse(model))
     if mode == "same":
         stages.append(SAMVoxelMorph(load_sam_vm(settings.vm_weights), model, **_refinement_options(settings)))

@@ -17,8 +17,8 @@ numbers are those of the product's ``summary.json``:
   the working grid, with the files' transforms (TVF modes only: the others have no inverse).
 * time: registration wall time (s), outputs excluded.
 
-Rows "network only" run the same mode with ``--refine-iterations 0``; the row "mode coarse" is SAME
-without its learned stage.
+Rows "network only" run the same mode with ``--refine-iterations 0``; rows "without SAM-coarse
+guidance" with ``--no-sam-coarse``; the row "mode coarse" is SAME without its learned stage.
 
 Usage:
     python benchmarks/benchmark_tvf.py [--data ../shared/data/ct] [--threads 2] [--modes tvf tvf-lddmm same]
@@ -42,20 +42,22 @@ from SAMERegistrationLib.pipeline.problem import RegistrationOptions  # noqa: E4
 from SAMERegistrationLib.registration import RegistrationRequest, register_files  # noqa: E402
 
 DEFAULT_DATA = REPOSITORY.parent / "shared" / "data" / "ct"
-ROWS = {"tvf": ("TM-TVF", "tvf", None), "tvf-lddmm": ("TM-TVF-LDDMM", "tvf-lddmm", None),
-        "tvf-network": ("TM-TVF, network only", "tvf", 0),
-        "tvf-lddmm-network": ("TM-TVF-LDDMM, network only", "tvf-lddmm", 0),
-        "same": ("SAME (SAM-affine + SAM-coarse + SAM-VoxelMorph)", "same", None),
-        "coarse": ("SAM-affine + SAM-coarse (mode coarse)", "coarse", None)}
-"""row key -> (label, mode, refine iterations (None: the stage's default))."""
+ROWS = {"tvf": ("TM-TVF", "tvf", None, True), "tvf-lddmm": ("TM-TVF-LDDMM", "tvf-lddmm", None, True),
+        "tvf-network": ("TM-TVF, network only", "tvf", 0, True),
+        "tvf-lddmm-network": ("TM-TVF-LDDMM, network only", "tvf-lddmm", 0, True),
+        "tvf-no-coarse": ("TM-TVF without SAM-coarse guidance (`--no-sam-coarse`)", "tvf", None, False),
+        "tvf-lddmm-no-coarse": ("TM-TVF-LDDMM without SAM-coarse guidance", "tvf-lddmm", None, False),
+        "same": ("SAME (SAM-affine + SAM-coarse + SAM-VoxelMorph)", "same", None, True),
+        "coarse": ("SAM-affine + SAM-coarse (mode coarse)", "coarse", None, True)}
+"""row key -> (label, mode, refine iterations (None: the stage's default), SAM-coarse on)."""
 
 
-def run_row(data: Path, mode: str, refine: int | None, threads: int, workdir: Path) -> dict:
+def run_row(data: Path, mode: str, refine: int | None, sam_coarse: bool, threads: int, workdir: Path) -> dict:
     request = RegistrationRequest(
         fixed=data / "tsC_ct_slab_2mm.nii.gz", moving=data / "tsA_ct_slab_3mm.nii.gz", output_dir=workdir,
         mode=mode, fixed_labels=data / "tsC_ct_slab_2mm_labels.nii.gz",
-        moving_labels=data / "tsA_ct_slab_3mm_labels.nii.gz", refine_iterations=refine, device="cpu",
-        overview=False, options=RegistrationOptions(threads=threads))
+        moving_labels=data / "tsA_ct_slab_3mm_labels.nii.gz", refine_iterations=refine, sam_coarse=sam_coarse,
+        device="cpu", overview=False, options=RegistrationOptions(threads=threads))
     return register_files(request)
 
 
@@ -101,11 +103,11 @@ def main(argv: list[str] | None = None) -> int:
              "| method | mean Dice | % J<=0 | std(log J) | inverse consistency mean / max (mm) | "
              "inverse % J<=0 | time (s) | notes |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for key in args.rows:
-        label, mode, refine = ROWS[key]
+        label, mode, refine, sam_coarse = ROWS[key]
         summary = error = None
         with tempfile.TemporaryDirectory(prefix="tvf-benchmark-") as folder:
             try:
-                summary = run_row(args.data, mode, refine, args.threads, Path(folder))
+                summary = run_row(args.data, mode, refine, sam_coarse, args.threads, Path(folder))
             except Exception as failure:   # a failed method is a row of the table
                 traceback.print_exc(file=sys.stderr)
                 error = f"{type(failure).__name__}: {failure}"

@@ -25,8 +25,8 @@ DESCRIPTIONS = {
     "affine": "SAM-affine (RANSAC affine on SAM point matches; falls back to the intensity affine)",
     "coarse": "SAM-affine + SAM-coarse (smooth field fitted to SAM re-matches)",
     "same": "full SAME pipeline: SAM-affine, SAM-coarse, SAM-VoxelMorph",
-    "tvf": "SAM-affine, then time-dependent velocity fields (with their inverse)",
-    "tvf-lddmm": "SAM-affine, then time-dependent velocity fields, LDDMM variant (with their inverse)",
+    "tvf": "SAM-affine, SAM-coarse as invertible velocity steps, then time-dependent velocity fields (with their inverse)",
+    "tvf-lddmm": "SAM-affine, SAM-coarse as invertible velocity steps, then time-dependent velocity fields, LDDMM variant (with their inverse)",
 }
 
 
