@@ -80,15 +80,9 @@ def evaluate_pair_list(pairs: Path, methods: list[Method], args: argparse.Namesp
                f"threads: {args.threads} for every method; working spacing {args.spacing:g} mm; CPU",
                f"command: `{command}`"]
     fields = args.save_fields / pairs.stem if args.save_fields else None
-    lines: list[str] = []
-
-    def log(line: str) -> None:
-        lines.append(line)
-        print(line, file=sys.stderr, flush=True)
-
     rows = run_benchmark(specs, methods, args.threads, args.spacing, args.timeout, fields,
-                         records=args.output / pairs.stem / "rows", resume=args.resume, log=log)
-    reused = sum(": reused, " in line for line in lines)
+                         records=args.output / pairs.stem / "rows", resume=args.resume)
+    reused = sum(row.reused for row in rows)
     setting.append(f"wall time of this run: {(datetime.datetime.now() - started).total_seconds() / 60:.0f} min"
                    + (f"; {reused} of {len(rows)} rows reused from an earlier run (--resume)" if reused else ""))
     return write_report(rows, args.output / pairs.stem, f"Evaluation against established tools: {pairs.stem}", setting)

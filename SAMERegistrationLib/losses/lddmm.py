@@ -44,9 +44,7 @@ def lddmm_operator(velocity: Tensor, spacing: Sequence[float], alpha: float = 0.
     Raises:
         ValueError: a non-5-D field, a bad spacing, or non-positive ``alpha``, ``gamma``, ``beta``.
     """
-    _check(velocity, spacing, alpha, gamma, beta)
-    symbol = _symbol(velocity.shape[2:], spacing, alpha, gamma, beta, velocity.device).to(velocity.dtype)
-    return _dct(symbol * _dct(velocity), inverse=True)
+    return _dct(_filtered_coefficients(velocity, spacing, alpha, gamma, beta), inverse=True)
 
 
 def lddmm_energy(velocity: Tensor, spacing: Sequence[float], weight: Tensor | None = None, alpha: float = 0.01,
@@ -65,15 +63,21 @@ def lddmm_energy(velocity: Tensor, spacing: Sequence[float], weight: Tensor | No
         0-dim tensor in mm^2.
     """
     if weight is None:  # Parseval: the orthonormal DCT keeps sums of squares
-        _check(velocity, spacing, alpha, gamma, beta)
-        symbol = _symbol(velocity.shape[2:], spacing, alpha, gamma, beta, velocity.device).to(velocity.dtype)
-        return (symbol * _dct(velocity)).square().mean()
+        return _filtered_coefficients(velocity, spacing, alpha, gamma, beta).square().mean()
     squared = lddmm_operator(velocity, spacing, alpha, gamma, beta).square()
     if velocity.shape[0] % weight.shape[0]:
         raise ValueError(f"lddmm_energy(): 'weight' batch {weight.shape[0]} does not divide the field batch "
                          f"{velocity.shape[0]}")
     tiled = weight.repeat(velocity.shape[0] // weight.shape[0], 1, 1, 1, 1).expand_as(squared)
     return (squared * tiled).sum() / tiled.sum().clamp_min(1e-12)
+
+
+def _filtered_coefficients(velocity: Tensor, spacing: Sequence[float], alpha: float, gamma: float,
+                           beta: float) -> Tensor:
+    """The DCT-II coefficients of ``L v``: ``symbol * C v`` (``(N, C, D, H, W)``), after checking the inputs."""
+    _check(velocity, spacing, alpha, gamma, beta)
+    symbol = _symbol(velocity.shape[2:], spacing, alpha, gamma, beta, velocity.device).to(velocity.dtype)
+    return symbol * _dct(velocity)
 
 
 def _check(velocity: Tensor, spacing: Sequence[float], alpha: float, gamma: float, beta: float) -> None:

@@ -101,11 +101,13 @@ class TimeDependentVelocityFields(Stage):
         affine = SpatialTransform.from_affine(transform.affine)
         velocity_grid = half_grid(problem.level(spacing).fixed.grid)
         guidance: list[torch.Tensor] = []
+        start_transform = affine
         if transform.has_field:
             progress.update(0.01, f"turning the incoming dense field into {self.guidance_steps} velocity steps")
-            guidance = guidance_velocities(transform, velocity_grid, self.guidance_steps, progress, device)
+            guidance, flow = guidance_velocities(transform, velocity_grid, self.guidance_steps, progress, device)
+            start_transform = affine.then_residual(flow[0], velocity_grid)
         progress.update(0.02, f"resampling the moving image onto the {spacing:g} mm grid")
-        pair = pair_from_problem(problem, self._guided(affine, guidance, velocity_grid, problem), spacing)
+        pair = pair_from_problem(problem, start_transform, spacing)
         start = time.perf_counter()
         with torch.no_grad():
             velocities = self.network.to(device)(pair.fixed, pair.moving, pair.grid) + guidance
@@ -121,16 +123,6 @@ class TimeDependentVelocityFields(Stage):
             inverse = invert_velocities(velocities, velocity_grid, self.inverse_iterations, at=inverse_grid)[0]
         self.inverse = InverseTransform(np.linalg.inv(transform.affine), inverse, inverse_grid)
         return affine.then_residual(forward, pair.grid)
-
-    @staticmethod
-    def _guided(affine: SpatialTransform, guidance: list[torch.Tensor], velocity_grid: Grid,
-                problem: RegistrationProblem) -> SpatialTransform:
-        """``affine`` after the flow of the guidance velocities (just ``affine`` without guidance)."""
-        if not guidance:
-            return affine
-        with torch.no_grad():
-            flow = integrate_velocities(guidance, velocity_grid)[0]
-        return affine.then_residual(flow, velocity_grid)
 
     def _refine(self, problem: RegistrationProblem, transform: SpatialTransform, velocities: list[torch.Tensor],
                 velocity_grid: Grid, progress: Progress) -> list[torch.Tensor]:
@@ -162,9 +154,10 @@ class TimeDependentVelocityFields(Stage):
 
 
 def guidance_velocities(transform: SpatialTransform, velocity_grid: Grid, steps: int, progress: Progress,
-                        device: torch.device | str) -> list[torch.Tensor]:
+                        device: torch.device | str) -> tuple[list[torch.Tensor], torch.Tensor]:
     """``steps`` equal velocities ``g`` (``(1, 3, d, h, w)`` LPS mm on ``velocity_grid``) whose flow
-    ``(Id + g)^steps`` approximates the transform's dense field ``c`` (``x -> A (x + c(x))``).
+    ``(Id + g)^steps`` approximates the transform's dense field ``c`` (``x -> A (x + c(x))``), and
+    that flow's displacement ``(1, 3, d, h, w)`` (LPS mm on ``velocity_grid``).
 
     Starts from ``g = c / steps`` and corrects ``g <- g + (c - flow(g)) / steps`` a few times (the
     flow of a smooth field differs from ``steps`` times its value by second-order terms). Records
@@ -178,7 +171,8 @@ def guidance_velocities(transform: SpatialTransform, velocity_grid: Grid, steps:
     with torch.no_grad():
         for _ in range(4):
             step = step + (target - integrate_velocities([step] * steps, velocity_grid)) / steps
-        mismatch = (integrate_velocities([step] * steps, velocity_grid) - target).norm(dim=1)
+        flow = integrate_velocities([step] * steps, velocity_grid)
+        mismatch = (flow - target).norm(dim=1)
         smallest = float(jacobian_determinant(step[0], velocity_grid).min())
     progress.record("guidance", {"steps": steps, "mismatch_mean_mm": round(float(mismatch.mean()), 3),
                                  "mismatch_max_mm": round(float(mismatch.max()), 3),
@@ -187,7 +181,7 @@ def guidance_velocities(transform: SpatialTransform, velocity_grid: Grid, steps:
         warnings.warn(f"TVF: the incoming dense field is not the flow of {steps} invertible velocity steps "
                       f"(mean mismatch {float(mismatch.mean()):.2f} mm, smallest step Jacobian {smallest:.2f}): "
                       "the TVF transform starts from an invertible approximation of it", stacklevel=2)
-    return [step] * steps
+    return [step] * steps, flow
 
 
 def _smooth(field: torch.Tensor, passes: int = 2) -> torch.Tensor:

@@ -37,6 +37,7 @@ class Row:
         seconds, cpu_seconds, peak_mib, baseline_mib: see :class:`WorkerResult` (None unless ok).
         metrics: :attr:`Evaluation.summary` (empty unless ok).
         per_label: :attr:`Evaluation.per_label` (empty unless ok).
+        reused: the row was read from an earlier run's record (``--resume``), not run now.
     """
 
     pair: str
@@ -51,6 +52,7 @@ class Row:
     baseline_mib: float | None = None
     metrics: dict[str, float | int] = field(default_factory=dict)
     per_label: list[dict] = field(default_factory=list)
+    reused: bool = False
 
 
 def method_status(method: Method) -> str | None:
@@ -80,6 +82,7 @@ def load_row(path: Path, method: Method) -> Row:
     record = json.loads(path.read_text())
     record["method"] = method
     record["per_label"] = [{**entry, "label": int(entry["label"])} for entry in record["per_label"]]
+    record["reused"] = True
     return Row(**record)
 
 
@@ -113,15 +116,15 @@ def run_benchmark(specs: list[PairSpec], methods: list[Method], threads: int, sp
             write_image(pair.moving, moving_path, sitk.sitkFloat32)
             for method in methods:
                 record = records / f"{_safe(pair.name)}__{_safe(method.name)}.json" if records else None
-                if resume and record is not None and record.exists() and load_row(record, method).threads == threads:
-                    row, how = load_row(record, method), "reused"
-                else:
-                    row, how = _run_one(spec, pair, method, fixed_path, moving_path, folder / _safe(method.name),
-                                        threads, spacing, timeout_s, fields), "ran"
+                row = load_row(record, method) if resume and record is not None and record.exists() else None
+                if row is None or row.threads != threads:
+                    row = _run_one(spec, pair, method, fixed_path, moving_path, folder / _safe(method.name),
+                                   threads, spacing, timeout_s, fields)
                     if record is not None:
                         save_row(row, record)
                 rows.append(row)
-                log(f"[{time.perf_counter() - start:6.0f} s] {pair.name} / {method.name}: {how}, {row.status}"
+                log(f"[{time.perf_counter() - start:6.0f} s] {pair.name} / {method.name}: "
+                    f"{'reused' if row.reused else 'ran'}, {row.status}"
                     + (f", {row.seconds:.1f} s" if row.seconds is not None else ""))
     return rows
 
