@@ -52,7 +52,10 @@ def test_sam_affine_recovers_a_known_affine(setting):
     progress = Progress("sam-affine", 0, 1, None, None)
     result = SAMAffine(model).run(problem, SpatialTransform.identity(), progress)
     error = pair.error_mm(result, points)
-    assert "fallback" not in progress.details
+    assert "implausible" not in progress.details.get("fallback", "")   # SAM's fit passed the anatomical ranges
+    chosen = progress.details["chosen"]
+    other = "intensity" if chosen == "sam" else "sam"
+    assert progress.details[f"score_{chosen}_affine"] >= progress.details[f"score_{other}_affine"]
     assert progress.details["inliers"] >= 20
     assert float(error.median()) < AFFINE_MEDIAN_BOUND_MM
 
@@ -89,9 +92,10 @@ def test_sam_coarse_lowers_the_error_of_sam_affine_on_a_smooth_deformation():
 def test_too_few_confident_matches_fall_back_with_a_warning(setting):
     model, pair, problem, points = setting
     progress = Progress("sam-affine", 0, 1, None, None)
-    with pytest.warns(UserWarning, match="falling back to the intensity"):
+    with pytest.warns(UserWarning, match="using the intensity affine"):
         result = SAMAffine(model, score_threshold=1.01).run(problem, SpatialTransform.identity(), progress)
-    assert "only 0 confident SAM matches" in progress.details["fallback"]
+    assert "only 0 confident stable SAM matches" in progress.details["fallback"]
+    assert progress.details["chosen"] == "intensity" and "score_intensity_affine" in progress.details
     assert float(pair.error_mm(result, points).median()) < 10.0      # the fallback is not a wild transform
 
 

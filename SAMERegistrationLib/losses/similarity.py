@@ -172,20 +172,29 @@ def local_ncc(
     if any(k % 2 == 0 for k in sizes):
         raise ValueError(f"local_ncc(): 'window' must be odd, got {window}")
     weights = _check_mask("local_ncc", mask, fixed)
+    return 1 - _weighted_mean(local_correlation_map(fixed, warped, sizes, eps), weights)
 
+
+def local_correlation_map(fixed: Tensor, warped: Tensor, window: tuple[int, int, int], eps: float = 1e-5) -> Tensor:
+    """Squared local correlation ``cc`` in [0, 1) at every voxel, (N, C, D, H, W): the quantity whose
+    weighted mean :func:`local_ncc` turns into a loss (same truncated windows, same ``eps``).
+
+    Args:
+        fixed, warped: (N, C, D, H, W) images of equal shape.
+        window: odd (D, H, W) window sizes in voxels (checked by :func:`local_ncc`).
+    """
     channels = fixed.shape[1]
     # Local statistics are shift invariant: centring each image first limits
     # cancellation in E[x^2] - E[x]^2 for intensities with a large offset.
     f = fixed - fixed.detach().mean((2, 3, 4), keepdim=True)
     w = warped - warped.detach().mean((2, 3, 4), keepdim=True)
-    count = _box_sum(fixed.new_ones((1, 1, *fixed.shape[2:])), sizes)
-    sums = _box_sum(torch.cat([f, w, f * f, w * w, f * w], dim=1), sizes) / count
+    count = _box_sum(fixed.new_ones((1, 1, *fixed.shape[2:])), window)
+    sums = _box_sum(torch.cat([f, w, f * f, w * w, f * w], dim=1), window) / count
     mean_f, mean_w, mean_ff, mean_ww, mean_fw = sums.split(channels, dim=1)
     var_f = (mean_ff - mean_f.square()).clamp_min(0)
     var_w = (mean_ww - mean_w.square()).clamp_min(0)
     cov = mean_fw - mean_f * mean_w
-    cc = cov.square() / (var_f * var_w + eps)
-    return 1 - _weighted_mean(cc, weights)
+    return cov.square() / (var_f * var_w + eps)
 
 
 def mutual_information(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -52,6 +53,13 @@ class Progress:
     def record(self, key: str, value: object) -> None:
         """Keeps a number or short text about the stage for the run summary (e.g. final loss)."""
         self.details[key] = value
+
+    def warn(self, key: str, message: str) -> None:
+        """Records ``message`` under ``key`` (e.g. "fallback", "note") and warns ``"<stage>: <message>"``,
+        so the command line prints it and the Slicer log shows it: for a stage that falls back or adds
+        nothing, which the user must not learn only from summary.json."""
+        self.record(key, message)
+        warnings.warn(f"{self._stage}: {message}", UserWarning, stacklevel=3)
 
     def update(self, fraction: float, message: str = "") -> None:
         """Reports progress in [0, 1] of the current stage; raises RegistrationCancelled if asked to stop."""

@@ -131,3 +131,61 @@ def _parabolic_offsets(target: MatchTarget, best_kji: torch.Tensor, local_query:
         shift = torch.where(curvature < -1e-9, 0.5 * (minus - plus) / curvature, torch.zeros_like(centre))
         offsets[:, axis] = shift.clamp(-0.5, 0.5)
     return offsets
+
+
+@dataclass(frozen=True)
+class StableMatches:
+    """Point pairs that SAM matches both ways (SAME++'s stable sampling).
+
+    Attributes:
+        source_points: ``(M, 3)`` LPS mm in the source image (where the queries settled).
+        target_points: ``(M, 3)`` LPS mm in the target image.
+        score: ``(M,)`` combined cosine similarity of the forward match.
+        queried: how many query points were matched (M <= queried).
+    """
+
+    source_points: torch.Tensor
+    target_points: torch.Tensor
+    score: torch.Tensor
+    queried: int
+
+
+def stable_matches(source: Embeddings, target: Embeddings, points: torch.Tensor, iterations: int = 3,
+                   tolerance_mm: float | None = None, window_mm: float = 12.0, local_search: bool = False
+                   ) -> StableMatches:
+    """Matches ``points`` ``(N, 3)`` forward and back ``iterations`` times, each time moving a query to
+    where its round trip ended; keeps the points whose last round trip returns within
+    ``tolerance_mm`` (default: one local embedding voxel), one per local source voxel.
+
+    A point that survives is a mutual best match: its match in the target matches back to it, the
+    property SAME++ requires before fitting anything to SAM matches.
+
+    Args:
+        local_search: search around each query's own position (images already aligned, as in
+            SAM-coarse) instead of over the whole target.
+    """
+    tolerance = tolerance_mm if tolerance_mm is not None else float(source.local.grid.spacing[0])
+    prepared_target, prepared_source = MatchTarget(target), MatchTarget(source)
+    query = points
+    for _ in range(max(1, iterations)):
+        forward = match_points(source, prepared_target, query, window_mm,
+                               search_centres=query if local_search else None)
+        back = match_points(target, prepared_source, forward.points, window_mm,
+                            search_centres=query if local_search else None).points
+        returned = (back - query).norm(dim=-1) <= tolerance
+        settled, query = query, back
+    keep = returned.nonzero().flatten()
+    voxel = source.local.grid.world_to_index_points(settled[keep]).round().long()
+    order = forward.score[keep].argsort(descending=True)
+    keep = keep[order[_first_occurrences(voxel[order])]]
+    return StableMatches(settled[keep], forward.points[keep], forward.score[keep], len(points))
+
+
+def _first_occurrences(rows: torch.Tensor) -> torch.Tensor:
+    """Indices (ascending) of the first occurrence of each distinct row of an integer ``(N, 3)`` tensor."""
+    if len(rows) == 0:
+        return torch.zeros(0, dtype=torch.long, device=rows.device)
+    _, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), len(rows), dtype=torch.long, device=rows.device)
+    first = first.scatter_reduce(0, inverse, torch.arange(len(rows), device=rows.device), reduce="amin")
+    return first.sort().values

@@ -70,3 +70,50 @@ def ransac_affine(source: np.ndarray, target: np.ndarray, threshold_mm: float = 
 
 def _residuals(matrix: np.ndarray, source: np.ndarray, target: np.ndarray) -> np.ndarray:
     return np.linalg.norm(source @ matrix[:3, :3].T + matrix[:3, 3] - target, axis=1)
+
+
+@dataclass(frozen=True)
+class AnatomicalAffineRange:
+    """What an affine between two scans of adult anatomy may look like (fixed -> moving, LPS mm).
+
+    A fit outside these ranges is not a body-to-body mapping but an artefact of wrong matches
+    (e.g. 37 inliers of 570 matches with a 37 % volume change). Scales are the singular values of
+    the linear part, so a rotation does not count as a scale.
+
+    Attributes:
+        min_inliers: fewest inliers a fit of 12 parameters may rest on.
+        min_inlier_share: smallest fraction of the matches that must agree with the fit.
+        max_inlier_rms_mm: largest root-mean-square residual of the inliers.
+        scale_range: per-axis scale range.
+        determinant_range: volume-change range (a reflection has a negative determinant).
+    """
+
+    min_inliers: int = 20
+    min_inlier_share: float = 0.25
+    max_inlier_rms_mm: float = 6.0
+    scale_range: tuple[float, float] = (0.75, 1.33)
+    determinant_range: tuple[float, float] = (0.6, 1.6)
+
+    def problems(self, fit: RobustAffine) -> list[str]:
+        """Why ``fit`` is implausible (empty when it is plausible), as short phrases for a message."""
+        inliers, matches = int(fit.inliers.sum()), len(fit.inliers)
+        linear = fit.matrix[:3, :3]
+        determinant = float(np.linalg.det(linear))
+        scales = np.linalg.svd(linear, compute_uv=False)
+        found = []
+        if inliers < self.min_inliers:
+            found.append(f"{inliers} inliers (need {self.min_inliers})")
+        if inliers < self.min_inlier_share * matches:
+            found.append(f"only {inliers} of {matches} matches agree ({100 * inliers / max(matches, 1):.0f} %, "
+                         f"need {100 * self.min_inlier_share:.0f} %)")
+        if fit.rms_mm > self.max_inlier_rms_mm:
+            found.append(f"inlier RMS {fit.rms_mm:.1f} mm (at most {self.max_inlier_rms_mm:g})")
+        if determinant <= 0:
+            found.append(f"a reflection (determinant {determinant:.2f})")
+        elif not self.determinant_range[0] <= determinant <= self.determinant_range[1]:
+            found.append(f"determinant {determinant:.2f} (allowed {self.determinant_range[0]:g}-"
+                         f"{self.determinant_range[1]:g})")
+        if scales.min() < self.scale_range[0] or scales.max() > self.scale_range[1]:
+            found.append(f"axis scales {scales.min():.2f}-{scales.max():.2f} (allowed {self.scale_range[0]:g}-"
+                         f"{self.scale_range[1]:g})")
+        return found

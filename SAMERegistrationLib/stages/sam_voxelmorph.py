@@ -74,8 +74,8 @@ class SAMVoxelMorph(Stage):
             progress.record("network_seconds", round(time.perf_counter() - start, 2))
             velocity, velocity_grid = prediction.velocity, prediction.velocity_grid
         else:
-            progress.record("note", "images are not CT in HU: no SAM features; the network is skipped and the "
-                                    "refinement uses local NCC only")
+            progress.warn("note", "images are not CT in HU: no SAM features; the network is skipped and the "
+                                  "refinement uses local NCC only")
             velocity_grid = half_grid(pair.grid)
             velocity = torch.zeros((1, 3, *velocity_grid.shape), device=device)
             settings = ObjectiveSettings(similarity="lncc", regulariser_weight=settings.regulariser_weight)

@@ -133,7 +133,7 @@ class TimeDependentVelocityFields(Stage):
         if objective.needs_sam:
             embedded = pair_from_problem(problem, transform, self.sam.config.spacing_mm)
             if embedded.fixed_hu is None:
-                progress.record("note", "images are not CT in HU: no SAM features; the refinement uses local NCC only")
+                progress.warn("note", "images are not CT in HU: no SAM features; the refinement uses local NCC only")
                 objective = TVFObjective(replace(objective.settings, similarity="lncc"))
             else:
                 coarse.features = add_sam_features(embedded, self.sam.to(problem.device)).features

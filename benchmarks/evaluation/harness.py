@@ -38,6 +38,7 @@ class Row:
         metrics: :attr:`Evaluation.summary` (empty unless ok).
         per_label: :attr:`Evaluation.per_label` (empty unless ok).
         reused: the row was read from an earlier run's record (``--resume``), not run now.
+        warnings: what the method warned about while it ran (e.g. a SAM stage that fell back).
     """
 
     pair: str
@@ -53,6 +54,7 @@ class Row:
     metrics: dict[str, float | int] = field(default_factory=dict)
     per_label: list[dict] = field(default_factory=list)
     reused: bool = False
+    warnings: list[str] = field(default_factory=list)
 
 
 def method_status(method: Method) -> str | None:
@@ -146,6 +148,7 @@ def _run_one(spec: PairSpec, pair: PreparedPair, method: Method, fixed_path: Pat
     row.seconds, row.cpu_seconds = result.seconds, result.cpu_seconds
     row.peak_mib, row.baseline_mib = result.peak_mib, result.baseline_mib
     row.metrics, row.per_label = evaluation.summary, evaluation.per_label
+    row.warnings = list(result.warnings)
     return row
 
 

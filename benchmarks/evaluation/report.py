@@ -130,6 +130,10 @@ def _write_markdown(rows: Sequence[Row], path: Path, title: str, setting: Sequen
         parts += [f"## Summary: {group}", "", summary_table(rows, group), ""]
     parts += ["## Every pair and method", "", full_table(rows), "", "## Pairs", ""]
     parts += [f"- {name}: {description}" for name, description in {row.pair: row.description for row in rows}.items()]
+    warned = [row for row in rows if row.warnings]
+    if warned:
+        parts += ["", "## What the methods warned about", ""]
+        parts += [f"- {row.pair} / {row.method.name}: " + "; ".join(row.warnings) for row in warned]
     parts += ["", "## Methods", ""]
     parts += [f"- `{method.name}` ({method.label}): {method.configuration}" for method in methods]
     parts += ["", "## Metrics", "", METRIC_NOTES, ""]

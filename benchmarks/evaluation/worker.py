@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +73,7 @@ class WorkerResult:
         cpu_seconds: CPU time of the method call, all threads and child processes (None unless ok).
         peak_mib: peak resident memory during the call, MiB (None unless ok).
         baseline_mib: the worker's resident memory just before the call, MiB (None unless ok).
+        warnings: the distinct warnings the method gave (e.g. a SAM stage that fell back), in order.
     """
 
     status: str
@@ -80,6 +82,7 @@ class WorkerResult:
     cpu_seconds: float | None = None
     peak_mib: float | None = None
     baseline_mib: float | None = None
+    warnings: tuple[str, ...] = ()
 
 
 def run_in_worker(method: str, fixed_path: Path, moving_path: Path, workdir: Path, threads: int, spacing: float,
@@ -114,7 +117,7 @@ def run_in_worker(method: str, fixed_path: Path, moving_path: Path, workdir: Pat
             return WorkerResult(result["status"])
         displacement = torch.from_numpy(np.load(workdir / FIELD_FILE))
         return WorkerResult(OK, displacement, result["seconds"], result["cpu_seconds"], result["peak_mib"],
-                            result["baseline_mib"])
+                            result["baseline_mib"], tuple(result.get("warnings", ())))
     if process.returncode < 0:
         return WorkerResult(f"{FAILED}: killed by {signal.Signals(-process.returncode).name}")
     lines = (workdir / LOG_FILE).read_text().strip().splitlines()
@@ -138,7 +141,8 @@ def main(request_path: str) -> int:
                              Path(request["moving"]))
         baseline_mib = psutil.Process().memory_info().rss / 2**20
         start, cpu_start = time.perf_counter(), _cpu_seconds()
-        with PeakMemory(torch.device("cpu")) as memory:
+        with PeakMemory(torch.device("cpu")) as memory, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             displacement = method.run(fixed, moving, context).displacement_on(fixed.grid)
         seconds, cpu_seconds = time.perf_counter() - start, _cpu_seconds() - cpu_start
         bad = int((~torch.isfinite(displacement)).any(dim=0).sum())
@@ -154,7 +158,8 @@ def main(request_path: str) -> int:
     np.save(workdir / FIELD_FILE, displacement.numpy())
     (workdir / RESULT_FILE).write_text(json.dumps({
         "status": OK, "seconds": seconds, "cpu_seconds": cpu_seconds, "baseline_mib": baseline_mib,
-        "peak_mib": memory.host_peak_mib + executables_mib}))
+        "peak_mib": memory.host_peak_mib + executables_mib,
+        "warnings": list(dict.fromkeys(str(w.message)[:MESSAGE_CHARACTERS] for w in caught))}))
     return 0
 
 
