@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -81,14 +82,27 @@ def test_worker_streams_monotonic_progress_then_the_summary(pair, tmp_path):
     assert dice["mean"] > dice["mean_before_registration"] + 0.3
 
 
-def test_killing_the_worker_during_the_affine_stage_leaves_no_output(pair, tmp_path):
+def test_cancelling_the_worker_during_the_affine_stage_stops_it_cleanly(pair, tmp_path):
+    """cancel() sends SIGTERM: the worker reports the cancel, exits with code 3 and leaves nothing
+    in the output folder (no result file, no hidden staging folder)."""
     outdir = tmp_path / "out"
     worker = WorkerProcess(request(pair, outdir), tmp_path / "request.json").start()
     wait_for(worker, lambda e: e["event"] == "progress" and e["stage"] == "intensity-affine")
     worker.cancel()
-    assert worker.returncode < 0 and worker.killed
+    assert worker.returncode == EXIT_CANCELLED and worker.killed
     events = worker.wait()
-    assert not any(e["event"] in ("summary", "error") for e in events)
+    assert not any(e["event"] == "summary" for e in events)
+    assert [e["kind"] for e in events if e["event"] == "error"] == ["cancelled"]
+    assert (sorted(os.listdir(outdir)) if outdir.exists() else []) == []
+
+
+def test_a_worker_that_ignores_sigterm_is_killed_after_the_grace_period(pair, tmp_path):
+    outdir = tmp_path / "out"
+    worker = WorkerProcess(request(pair, outdir), tmp_path / "request.json").start()
+    wait_for(worker, lambda e: e["event"] == "started")
+    os.kill(worker.process.pid, signal.SIGSTOP)  # a stopped process cannot handle SIGTERM
+    worker.cancel(grace_s=0.5)
+    assert worker.returncode == -signal.SIGKILL and worker.killed
     left = set(os.listdir(outdir)) if outdir.exists() else set()
     assert not left & RESULT_FILES, left
 
