@@ -7,6 +7,7 @@ geometry exactly (LPS mm, see :mod:`SAMERegistrationLib.spatial.grid`); user fil
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 import warnings
@@ -213,8 +214,7 @@ def _unreadable(source: Path, role: str) -> InputError:
 
 def _dicom_series_files(folder: Path, role: str, warn: bool = False) -> list[str]:
     """The files of the DICOM series of ``folder`` (the one with most files when there are several)."""
-    series = {uid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
-              for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))}
+    series = _dicom_series(str(folder), folder.stat().st_mtime_ns)
     if not series:
         raise InputError(f"{role} {folder}: is a folder without a DICOM series: give an image file or a "
                          "folder holding one DICOM series")
@@ -223,6 +223,14 @@ def _dicom_series_files(folder: Path, role: str, warn: bool = False) -> list[str
         warnings.warn(f"{role} {folder}: holds {len(series)} DICOM series; using {uid} "
                       f"({len(series[uid])} files, the largest)", stacklevel=4)
     return list(series[uid])
+
+
+@functools.lru_cache(maxsize=8)
+def _dicom_series(folder: str, modified_ns: int) -> dict[str, tuple[str, ...]]:
+    """{series UID: its files} of a folder; cached while the folder is unchanged (``modified_ns``), as
+    the header check and the reading both need it and scanning every file takes time."""
+    return {uid: tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid))
+            for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)}
 
 
 def _check_shape(size: list[int], components: int, path: Path, role: str) -> None:

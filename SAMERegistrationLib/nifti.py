@@ -55,7 +55,9 @@ def check_nifti_voxels(path: Path, role: str) -> None:
     with open(path, "rb") as probe:
         compressed = probe.read(2) == _GZIP_MAGIC
     opener = gzip.open if compressed else open
-    damaged = f"{role} {path}: is damaged or incomplete (%s): copy or export the file again"
+    def damaged(reason: str) -> InputError:
+        return InputError(f"{role} {path}: is damaged or incomplete ({reason}): copy or export the file again")
+
     try:
         with opener(path, "rb") as stream:
             layout = _layout(stream.read(_NIFTI2_HEADER_BYTES))
@@ -70,10 +72,9 @@ def check_nifti_voxels(path: Path, role: str) -> None:
                 while stream.read(BLOCK_BYTES):  # to the end, where gzip checks the stream's length and CRC
                     pass
     except (EOFError, OSError, zlib.error) as error:
-        raise InputError(damaged % f"the compressed data ends early or is corrupt: {error}") from error
+        raise damaged(f"the compressed data ends early or is corrupt: {error}") from error
     if stored < layout.data_bytes:
-        raise InputError(damaged % f"the header announces {layout.data_bytes} bytes of voxels but only "
-                                   f"{max(stored, 0)} are stored")
+        raise damaged(f"the header announces {layout.data_bytes} bytes of voxels but only {max(stored, 0)} are stored")
     if bad:
         voxels = layout.data_bytes // layout.float_dtype.itemsize
         raise InputError(f"{role} {path}: contains {kind} values (in {bad} of {voxels} voxels): "

@@ -94,6 +94,15 @@ def test_a_truncated_or_corrupt_nifti_is_refused_as_damaged(tmp_path, name):
     assert str(path) in str(error.value) and "\n" not in str(error.value)
 
 
+def test_a_header_with_zero_spacing_is_refused(tmp_path):
+    path = tmp_path / "flat.mha"
+    path.write_bytes(b"ObjectType = Image\nNDims = 3\nDimSize = 4 4 4\nElementSpacing = 1 0 1\n"
+                     b"ElementType = MET_FLOAT\nElementDataFile = LOCAL\n" + np.ones(64, np.float32).tobytes())
+    with pytest.raises(InputError, match="spacing of 0 or less") as error:
+        read_image(path, "fixed image")
+    assert str(path) in str(error.value)
+
+
 def test_a_truncated_nifti_gets_one_line_and_exit_2_from_the_cli(pair_files, tmp_path, capfd):
     cut = tmp_path / "moving.nii.gz"
     stored = pair_files["moving"].read_bytes()
