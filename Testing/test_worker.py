@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import SimpleITK as sitk
 
@@ -22,7 +23,9 @@ from sample_cases import FAST_MODE, FAST_OPTIONS, write_tiny_pair
 from SAMERegistrationLib.outputs import (
     AFFINE_FILE, DISPLACEMENT_FILE, JACOBIAN_FILE, SUMMARY_FILE, TRANSFORM_FILE, WARPED_FILE, WARPED_LABELS_FILE,
 )
-from SAMERegistrationLib.worker import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_OK, WorkerProcess, library_parent
+from SAMERegistrationLib.export import write_affine
+from SAMERegistrationLib.worker import (EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_INTERNAL_ERROR, EXIT_OK, WorkerProcess,
+                                        library_parent)
 
 RESULT_FILES = {TRANSFORM_FILE, AFFINE_FILE, DISPLACEMENT_FILE, WARPED_FILE, JACOBIAN_FILE, WARPED_LABELS_FILE,
                 SUMMARY_FILE}
@@ -129,6 +132,21 @@ def test_bad_input_gives_one_error_line_and_exit_code_2(pair, tmp_path):
     assert str(missing) in errors[0]["message"] and "does not exist" in errors[0]["message"]
     assert not any(e["event"] == "summary" for e in events)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_diverged_result_is_a_failed_run_without_outputs(pair, tmp_path):
+    """An initial transform scaling by 1e30 makes every mapped point infinite: the worker reports
+    one error of kind "failed" (not an internal error with a traceback) and writes nothing."""
+    initial = tmp_path / "explode.tfm"
+    write_affine(np.diag([1e30, 1e30, 1e30, 1.0]), initial)
+    worker = WorkerProcess(request(pair, tmp_path / "out", initial_transform=str(initial)),
+                           tmp_path / "request.json").start()
+    events = worker.wait(timeout=120)
+    assert worker.returncode == EXIT_INTERNAL_ERROR
+    errors = [e for e in events if e["event"] == "error"]
+    assert len(errors) == 1 and errors[0]["kind"] == "failed" and "diverged" in errors[0]["message"]
+    assert not any(e["event"] == "log" and "Traceback" in e["message"] for e in events)
+    assert sorted(os.listdir(tmp_path / "out")) == []
 
 
 def test_unknown_request_field_is_refused_before_any_work(pair, tmp_path):
