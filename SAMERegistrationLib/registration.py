@@ -1,7 +1,8 @@
 """Registering two image files into an output folder: the one entry point of the CLI and Slicer.
 
-:func:`register_files` reads and checks every input (raising :class:`InputError` before any work),
-runs the mode's pipeline with progress and cancellation, and writes the output folder.
+:func:`register_files` checks the inputs' headers against the memory available, reads and checks
+every input (raising :class:`InputError` before any work), runs the mode's pipeline with progress
+and cancellation, refuses a non-finite result, and writes the output folder (locked for the run).
 """
 
 from __future__ import annotations

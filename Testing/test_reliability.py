@@ -27,7 +27,7 @@ import torch
 
 from SAMERegistrationLib.cli import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_FAILED, main
 from SAMERegistrationLib.errors import InputError
-from SAMERegistrationLib.export import write_affine
+from SAMERegistrationLib.export import read_initial_transform, write_affine
 from SAMERegistrationLib.image import Image
 from SAMERegistrationLib.io import read_image, write_image
 from SAMERegistrationLib.learning.objective import parse_similarity
@@ -247,6 +247,14 @@ def test_bad_weights_get_one_line_and_exit_2_from_the_cli(pair_files, tmp_path, 
     assert code == EXIT_BAD_INPUT and "this code ran" not in captured.out
 
 
+def test_an_empty_checksum_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save({"config": {}, "state_dict": {}}, path)
+    path.with_suffix(".pt.sha256").write_text("")
+    with pytest.raises(InputError, match="checksum file weights.pt.sha256 is empty or not text"):
+        load_sam(path)
+
+
 def test_training_cache_round_trips_as_plain_tensors(tmp_path):
     grid = Grid.create((4, 5, 6), (2.0, 2.0, 3.0), (1.0, -2.0, 3.0), np.diag([-1.0, -1.0, 1.0]))
     hu = Image(torch.randn(grid.shape), grid)
@@ -278,6 +286,14 @@ def test_refinement_options_with_a_mode_that_does_not_refine_are_refused(pair_fi
     code = main([str(pair_files["fixed"]), str(pair_files["moving"]), "-o", str(tmp_path / "out"), *FAST, *option])
     assert_one_error_line(capfd.readouterr().err, option[0], "has no effect with --mode intensity")
     assert code == EXIT_BAD_INPUT
+
+
+def test_an_initial_transform_with_nan_parameters_is_refused(tmp_path):
+    path = tmp_path / "nan.h5"  # binary floats (ITK's text reader already refuses "nan")
+    write_affine(np.diag([1.0, np.nan, 1.0, 1.0]), path)
+    with pytest.raises(InputError, match="holds NaN or Inf parameters") as error:
+        read_initial_transform(path, Grid.create((4, 4, 4), (8.0, 8.0, 8.0)))
+    assert str(path) in str(error.value)
 
 
 def test_a_non_finite_result_is_an_error_and_never_an_output(pair_files, tmp_path, capfd):
