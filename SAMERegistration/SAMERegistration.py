@@ -544,7 +544,7 @@ class SAMERegistrationLogic(ScriptedLoadableModuleLogic):
         return self.run.wait(timeout, on_event=self._handle)
 
     def cancel(self) -> None:
-        """Kills the worker process tree: no output node is created or changed."""
+        """Stops the worker process tree (SIGTERM, then SIGKILL): no output node is created or changed."""
         if self._timer is not None:
             self._timer.stop()
         if self.run is not None and self.run.running:

@@ -31,6 +31,8 @@ set(SAMERegistrationLib_PYTHON_SCRIPTS
   SAMERegistrationLib/mrml.py
   SAMERegistrationLib/networks/__init__.py
   SAMERegistrationLib/networks/unet.py
+  SAMERegistrationLib/nifti.py
+  SAMERegistrationLib/output_folder.py
   SAMERegistrationLib/outputs.py
   SAMERegistrationLib/overview.py
   SAMERegistrationLib/pipeline/__init__.py
@@ -55,6 +57,7 @@ set(SAMERegistrationLib_PYTHON_SCRIPTS
   SAMERegistrationLib/segmentation/__init__.py
   SAMERegistrationLib/segmentation/network.py
   SAMERegistrationLib/segmentation/train.py
+  SAMERegistrationLib/signals.py
   SAMERegistrationLib/spatial/__init__.py
   SAMERegistrationLib/spatial/affine_fit.py
   SAMERegistrationLib/spatial/fields.py

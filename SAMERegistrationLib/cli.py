@@ -8,13 +8,15 @@ import threading
 import warnings
 from pathlib import Path
 
-from .errors import InputError, RegistrationCancelled
+from .errors import InputError, RegistrationCancelled, RegistrationFailed
 from .learning.objective import similarity_names
 from .modes import DEFAULT_MODE, MODE_NAMES
 from .pipeline.problem import RegistrationOptions
 from .pipeline.progress import ProgressEvent
 from .registration import RegistrationRequest, register_files
+from .signals import terminate_like_ctrl_c
 
+EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_CANCELLED = 130
 
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         sam_coarse=not args.no_sam_coarse, refine_iterations=args.refine_iterations, similarity=args.similarity,
         device=args.device, label_method=args.label_interpolation, overview=not args.no_overview, options=RegistrationOptions(spacing=args.spacing, threads=args.threads))
     bars = None if args.quiet else _ProgressBars()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), terminate_like_ctrl_c():
         warnings.simplefilter("always")
         warnings.showwarning = _show_warning
         try:
@@ -77,8 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         except InputError as error:
             print(f"same-register: error: {error}", file=sys.stderr)
             return EXIT_BAD_INPUT
+        except RegistrationFailed as error:
+            print(f"same-register: error: {error}", file=sys.stderr)
+            return EXIT_FAILED
         except (RegistrationCancelled, KeyboardInterrupt):
-            print("same-register: cancelled; no output written", file=sys.stderr)
+            print("same-register: cancelled; no partial output is left in the output folder", file=sys.stderr)
             return EXIT_CANCELLED
         finally:
             if bars is not None:

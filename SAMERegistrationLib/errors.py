@@ -7,3 +7,7 @@ class InputError(ValueError):
 
 class RegistrationCancelled(RuntimeError):
     """Raised between iterations when the caller asked the pipeline to stop."""
+
+
+class RegistrationFailed(RuntimeError):
+    """The registration ran but its result is unusable (e.g. NaN/Inf); nothing was written."""

@@ -225,7 +225,7 @@ def read_initial_transform(path: str | os.PathLike, reference_grid: Grid) -> Spa
         reference_grid: the fixed working grid that non-linear transforms are sampled on.
 
     Raises:
-        InputError: the file is missing, unreadable or not a 3-D transform.
+        InputError: the file is missing, unreadable, not a 3-D transform, or holds NaN/Inf.
     """
     source = Path(path)
     if not source.is_file():
@@ -238,12 +238,15 @@ def read_initial_transform(path: str | os.PathLike, reference_grid: Grid) -> Spa
     if transform.GetDimension() != 3:
         raise InputError(f"initial transform {source}: is {transform.GetDimension()}-D: a 3-D transform is needed")
     if transform.IsLinear():
-        return SpatialTransform.from_affine(affine_from_sitk(transform))
-    exact = _field_then_linear(transform)
-    if exact is not None:
-        return exact
-    field = _sample_displacement(transform, reference_grid)
-    return SpatialTransform(np.eye(4), field, reference_grid)
+        result = SpatialTransform.from_affine(affine_from_sitk(transform))
+    else:
+        result = _field_then_linear(transform)
+        if result is None:
+            result = SpatialTransform(np.eye(4), _sample_displacement(transform, reference_grid), reference_grid)
+    if not np.isfinite(np.asarray(result.affine)).all() or (
+            result.has_field and not bool(torch.isfinite(result.field).all())):
+        raise InputError(f"initial transform {source}: holds NaN or Inf parameters: give a valid transform")
+    return result
 
 
 def _field_then_linear(transform: sitk.Transform) -> SpatialTransform | None:

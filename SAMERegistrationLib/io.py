@@ -7,10 +7,11 @@ geometry exactly (LPS mm, see :mod:`SAMERegistrationLib.spatial.grid`); user fil
 
 from __future__ import annotations
 
-import gzip
+import functools
 import os
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,9 @@ import torch
 
 from .errors import InputError
 from .image import Image, grid_of_sitk
-from .spatial.warp import resample_labels
+from .nifti import check_nifti_voxels, is_nifti
+from .spatial.grid import Grid
+from .spatial.warp import resample_image, resample_labels
 
 _MIN_VOXELS_PER_AXIS = 4
 
@@ -36,21 +39,78 @@ def read_image(path: str | os.PathLike, role: str = "fixed image") -> Image:
         an :class:`Image` with float32 ``data`` ``(D, H, W)`` on the file's grid (LPS mm).
 
     Raises:
-        InputError: the file is missing or unreadable, is not a single scalar 3-D volume of at least
-            4 voxels per axis, or holds NaN/Inf values, only zeros or one constant value.
+        InputError: the file is missing, unreadable, damaged or truncated, is not a single scalar 3-D
+            volume of at least 4 voxels per axis, or holds NaN/Inf values, only zeros or one constant
+            value.
     """
     image = Image.from_sitk(_read_volume(path, role), dtype=torch.float32)
     _check_intensities(image.data, path, role)
-    _check_nifti_finite(Path(path), role)
     return image
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image file's header says, known before any voxel is read.
+
+    Attributes:
+        shape: ``(D, H, W)`` voxel counts in array order.
+        spacing: ``(sx, sy, sz)`` mm along the index axes (i, j, k).
+        bytes_per_voxel: bytes of one stored voxel (all components).
+    """
+
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    bytes_per_voxel: int
+
+    @property
+    def num_voxels(self) -> int:
+        return self.shape[0] * self.shape[1] * self.shape[2]
+
+    @property
+    def grid(self) -> Grid:
+        """A grid of this size and spacing (at the origin, axis-aligned): for memory estimates."""
+        return Grid.create(self.shape, self.spacing)
+
+
+def read_header(path: str | os.PathLike, role: str = "fixed image") -> ImageHeader:
+    """Reads only the header of an image file (or of a DICOM series' first file) and checks that it
+    describes one scalar 3-D volume of at least 4 voxels per axis; no voxel is read.
+
+    Raises:
+        InputError: the file is missing, has no readable header, or is not such a volume.
+    """
+    source = Path(path)
+    if not source.exists():
+        raise InputError(f"{role} {source}: does not exist: check the path")
+    files = _dicom_series_files(source, role) if source.is_dir() else [str(source)]
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(files[0])
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise _unreadable(source, role) from error
+    size, spacing = list(reader.GetSize()), list(reader.GetSpacing())
+    if len(files) > 1:
+        size, spacing = size[:2] + [len(files)], spacing[:2] + [spacing[2] if len(spacing) > 2 else 1.0]
+    _check_shape(size, reader.GetNumberOfComponents(), source, role)
+    if min(spacing) <= 0:
+        raise InputError(f"{role} {source}: has a voxel spacing of 0 or less ({spacing}): fix the file's header")
+    return ImageHeader(tuple(size[::-1]), tuple(spacing), _BYTES_PER_VOXEL.get(reader.GetPixelIDValue(), 8))
+
+
+_BYTES_PER_VOXEL = {sitk.sitkUInt8: 1, sitk.sitkInt8: 1, sitk.sitkUInt16: 2, sitk.sitkInt16: 2,
+                        sitk.sitkUInt32: 4, sitk.sitkInt32: 4, sitk.sitkUInt64: 8, sitk.sitkInt64: 8,
+                        sitk.sitkFloat32: 4, sitk.sitkFloat64: 8}
 
 
 def read_labels(path: str | os.PathLike, image: Image, role: str = "moving labels") -> Image:
     """Reads a label map belonging to ``image`` as int64 on ``image.grid``.
 
     A label file whose voxel centres are those of ``image`` but stored with axes flipped or permuted
-    is reoriented exactly (nearest neighbour) onto ``image.grid``, with a warning. An all-zero label
-    map is accepted with a warning.
+    is reoriented exactly (nearest neighbour) onto ``image.grid``, with a warning. Labels on another
+    grid that overlaps the image (e.g. a 256^2 label map of a 512^2 CT) are resampled onto
+    ``image.grid`` (nearest neighbour, through physical space), with a warning that says how much of
+    the image they cover. An all-zero label map is accepted with a warning.
 
     Args:
         path: label file or DICOM folder (any format :func:`read_image` reads).
@@ -62,7 +122,7 @@ def read_labels(path: str | os.PathLike, image: Image, role: str = "moving label
 
     Raises:
         InputError: unreadable file, values that are negative or not integers, or a grid that does not
-            hold the image's voxel centres.
+            overlap the image.
     """
     labels = _labels_on_grid(path, image, role)
     if not bool(labels.data.any()):
@@ -128,50 +188,65 @@ def check_output_directory(path: str | os.PathLike) -> Path:
 
 # --------------------------------------------------------------------------------------- reading
 def _read_volume(path: str | os.PathLike, role: str) -> sitk.Image:
-    """Reads a file or DICOM folder and checks it is one scalar 3-D volume."""
+    """Checks the header (and a NIfTI file's stored voxels), then reads a file or DICOM folder."""
     source = Path(path)
-    if not source.exists():
-        raise InputError(f"{role} {source}: does not exist: check the path")
+    read_header(source, role)
+    if is_nifti(source):
+        check_nifti_voxels(source, role)
     try:
-        image = _read_dicom_series(source, role) if source.is_dir() else sitk.ReadImage(str(source))
+        if source.is_dir():
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(_dicom_series_files(source, role, warn=True))
+            image = reader.Execute()
+        else:
+            image = sitk.ReadImage(str(source))
     except RuntimeError as error:
-        raise InputError(f"{role} {source}: cannot be read as an image: give a NIfTI, NRRD or MHA file "
-                         "or a DICOM series folder") from error
-    _check_shape(image, source, role)
+        raise _unreadable(source, role) from error
+    _check_shape(list(image.GetSize()), image.GetNumberOfComponentsPerPixel(), source, role)
     _check_direction(image, source, role)
     return image
 
 
-def _read_dicom_series(folder: Path, role: str) -> sitk.Image:
-    """Reads the DICOM series of ``folder`` (the one with most files when there are several)."""
-    series = {uid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
-              for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))}
+def _unreadable(source: Path, role: str) -> InputError:
+    return InputError(f"{role} {source}: cannot be read as an image (damaged, truncated or not an image file): "
+                      "give a NIfTI, NRRD or MHA file or a DICOM series folder")
+
+
+def _dicom_series_files(folder: Path, role: str, warn: bool = False) -> list[str]:
+    """The files of the DICOM series of ``folder`` (the one with most files when there are several)."""
+    series = _dicom_series(str(folder), folder.stat().st_mtime_ns)
     if not series:
         raise InputError(f"{role} {folder}: is a folder without a DICOM series: give an image file or a "
                          "folder holding one DICOM series")
     uid = max(series, key=lambda key: len(series[key]))
-    if len(series) > 1:
+    if warn and len(series) > 1:
         warnings.warn(f"{role} {folder}: holds {len(series)} DICOM series; using {uid} "
-                      f"({len(series[uid])} files, the largest)", stacklevel=3)
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(series[uid])
-    return reader.Execute()
+                      f"({len(series[uid])} files, the largest)", stacklevel=4)
+    return list(series[uid])
 
 
-def _check_shape(image: sitk.Image, path: Path, role: str) -> None:
-    """A single scalar 3-D volume with at least 4 voxels along every axis."""
-    size = "x".join(map(str, image.GetSize()))
-    if image.GetDimension() == 2 or (image.GetDimension() == 3 and 1 in image.GetSize()):
-        raise InputError(f"{role} {path}: is 2-D ({size}): a 3-D volume is needed "
+@functools.lru_cache(maxsize=8)
+def _dicom_series(folder: str, modified_ns: int) -> dict[str, tuple[str, ...]]:
+    """{series UID: its files} of a folder; cached while the folder is unchanged (``modified_ns``), as
+    the header check and the reading both need it and scanning every file takes time."""
+    return {uid: tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid))
+            for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)}
+
+
+def _check_shape(size: list[int], components: int, path: Path, role: str) -> None:
+    """A single scalar 3-D volume with at least 4 voxels along every axis (``size`` in ITK order)."""
+    text = "x".join(map(str, size))
+    if len(size) == 2 or (len(size) == 3 and 1 in size):
+        raise InputError(f"{role} {path}: is 2-D ({text}): a 3-D volume is needed "
                          "(for DICOM, give the folder of the whole series)")
-    if image.GetDimension() != 3:
-        raise InputError(f"{role} {path}: is {image.GetDimension()}-D ({size}): a single 3-D volume is needed, "
+    if len(size) != 3:
+        raise InputError(f"{role} {path}: is {len(size)}-D ({text}): a single 3-D volume is needed, "
                          "extract one volume first")
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"{role} {path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel "
+    if components != 1:
+        raise InputError(f"{role} {path}: has {components} components per voxel "
                          "(vector or colour image): a scalar (grey-value) 3-D volume is needed")
-    if min(image.GetSize()) < _MIN_VOXELS_PER_AXIS:
-        raise InputError(f"{role} {path}: has too few voxels ({size}): at least {_MIN_VOXELS_PER_AXIS} "
+    if min(size) < _MIN_VOXELS_PER_AXIS:
+        raise InputError(f"{role} {path}: has too few voxels ({text}): at least {_MIN_VOXELS_PER_AXIS} "
                          "voxels along every axis are needed")
 
 
@@ -198,44 +273,6 @@ def _check_intensities(data: torch.Tensor, path: str | os.PathLike, role: str) -
         raise InputError(f"{role} {path}: is constant (every voxel is {low:g}): an image with contrast is needed")
 
 
-_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
-
-
-def _check_nifti_finite(path: Path, role: str) -> None:
-    """NaN/Inf check on the raw voxels of a floating-point NIfTI file.
-
-    ITK 5.4 (SimpleITK 2.5) replaces NaN and Inf by 0 when it reads NIfTI, so the check on the
-    loaded image cannot see them; this one reads the stored values.
-    """
-    if not path.is_file() or not path.name.lower().endswith((".nii", ".nii.gz")):
-        return
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rb") as stream:
-        content = stream.read()
-    for order in ("<", ">"):
-        size = int(np.frombuffer(content[:4], dtype=f"{order}i4")[0])
-        if size == 348:
-            datatype = int(np.frombuffer(content[70:72], dtype=f"{order}i2")[0])
-            offset = int(np.frombuffer(content[108:112], dtype=f"{order}f4")[0])
-            break
-        if size == 540:
-            datatype = int(np.frombuffer(content[12:14], dtype=f"{order}i2")[0])
-            offset = int(np.frombuffer(content[168:176], dtype=f"{order}i8")[0])
-            break
-    else:
-        return
-    if datatype not in _NIFTI_FLOAT_TYPES:
-        return
-    dtype = np.dtype(f"{order}{_NIFTI_FLOAT_TYPES[datatype]}")
-    count = (len(content) - offset) // dtype.itemsize
-    values = np.frombuffer(content, dtype=dtype, count=count, offset=offset)
-    bad = int((~np.isfinite(values)).sum())
-    if bad:
-        kind = "NaN" if bool(np.isnan(values).any()) else "Inf"
-        raise InputError(f"{role} {path}: contains {kind} values (in {bad} of {values.size} voxels): "
-                         "replace them with finite numbers")
-
-
 # --------------------------------------------------------------------------------------- labels
 def _labels_on_grid(path: str | os.PathLike, image: Image, role: str) -> Image:
     """Reads non-negative integer labels and puts them exactly on ``image.grid``."""
@@ -249,13 +286,22 @@ def _labels_on_grid(path: str | os.PathLike, image: Image, role: str) -> Image:
         warnings.warn(f"{role} {path}: stored with flipped or permuted axes relative to its image; "
                       "reoriented onto the image grid (exact, nearest neighbour)", stacklevel=3)
         return resample_labels(labels, image.grid, method="nearest")
-    raise InputError(f"{role} {path}: label grid ({labels.grid.describe()}) does not match its image "
-                     f"({image.grid.describe()}): resample the labels onto the image grid first")
+    covered = float(resample_image(Image(torch.ones(labels.grid.shape), labels.grid), image.grid,
+                                   interpolation="nearest").data.mean())
+    if covered == 0.0:
+        raise InputError(f"{role} {path}: label grid ({labels.grid.describe()}) does not overlap its image "
+                         f"({image.grid.describe()}): give the label map of this image")
+    warnings.warn(f"{role} {path}: on another grid than its image ({labels.grid.describe()}); resampled onto "
+                  f"the image grid (nearest neighbour), covering {100 * covered:.1f} % of the image", stacklevel=3)
+    return resample_labels(labels, image.grid, method="nearest")
 
 
 def _check_label_values(values: np.ndarray, path: str | os.PathLike, role: str) -> None:
-    """Label values must be non-negative integers."""
-    if not bool(np.isfinite(values).all()) or not bool((values == np.round(values)).all()):
+    """Label values must be non-negative integers that fit int64."""
+    if values.dtype == np.uint64 and int(values.max()) > np.iinfo(np.int64).max:
+        raise InputError(f"{role} {path}: has label values above {np.iinfo(np.int64).max}: renumber the labels")
+    if values.dtype.kind == "f" and (not bool(np.isfinite(values).all())
+                                     or not bool((values == np.round(values)).all())):
         raise InputError(f"{role} {path}: has non-integer values: labels must be whole numbers "
                          "(0 = background); save the label map with an integer pixel type")
     if values.min() < 0:

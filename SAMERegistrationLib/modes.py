@@ -29,6 +29,8 @@ MODE_NAMES = ("intensity", "affine", "coarse", "same", "tvf", "tvf-lddmm")
 AVAILABLE_MODES = ("intensity", "affine", "coarse", "same", "tvf", "tvf-lddmm")
 TVF_MODES = ("tvf", "tvf-lddmm")
 SAM_MODES = ("affine", "coarse", "same")
+REFINING_MODES = ("same", *TVF_MODES)
+"""Modes whose learned stage refines on the pair (``refine_iterations`` and ``similarity`` apply)."""
 DEFAULT_MODE = "same"
 
 

@@ -603,7 +603,7 @@ class NodeRegistration:
     ``start()`` writes the inputs to a temporary folder and starts the worker; ``poll()`` (from a
     timer) returns new events and, once the worker has succeeded, loads the outputs into the nodes
     (so nodes change only when the whole result is there); ``wait()`` blocks until the end;
-    ``cancel()`` kills the worker: no node is created or changed. The temporary folder is removed
+    ``cancel()`` stops the worker: no node is created or changed. The temporary folder is removed
     at the end either way (unless ``keep_files``).
 
     Args:
@@ -689,7 +689,8 @@ class NodeRegistration:
         return self.result
 
     def cancel(self) -> None:
-        """Kills the worker's process tree; no output node is created or changed."""
+        """Stops the worker's process tree (:meth:`WorkerProcess.cancel`); no output node is created or
+        changed."""
         if self.state != "running":
             return
         self.worker.cancel()

@@ -5,15 +5,15 @@ File names are a stable contract (CLI, Slicer module, scripts):
 stage ran), ``displacement.nii.gz`` (phi(x) - x on the fixed grid), ``warped.nii.gz``,
 ``jacobian.nii.gz``, ``warped_labels.nii.gz`` (with moving labels), ``summary.json`` and
 ``overview.png``; for modes with an inverse (TVF) also ``inverse_transform.h5`` (moving -> fixed)
-and ``inverse_jacobian.nii.gz`` (its Jacobian determinant on the moving grid). Files are written to a hidden temporary folder first and moved into place at the
-end, so a failed or cancelled run never leaves a half-written set.
+and ``inverse_jacobian.nii.gz`` (its Jacobian determinant on the moving grid). Files are written to
+a hidden temporary folder first and moved into place at the end as one set (see
+:mod:`.output_folder`), so a failed or cancelled run never leaves a half-written set, and files of
+an earlier run that this run does not write are removed.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,7 @@ import torch
 from .export import write_affine, write_displacement_field, write_transform
 from .image import Image
 from .io import write_image
+from .output_folder import commit, staging_folder
 from .preprocess import CT_AIR_HU
 from .metrics import dice_per_label, shared_labels
 from .spatial.jacobian import jacobian_determinant, jacobian_statistics
@@ -39,6 +40,9 @@ SUMMARY_FILE = "summary.json"
 OVERVIEW_FILE = "overview.png"
 INVERSE_TRANSFORM_FILE = "inverse_transform.h5"
 INVERSE_JACOBIAN_FILE = "inverse_jacobian.nii.gz"
+OUTPUT_FILES = (TRANSFORM_FILE, AFFINE_FILE, DISPLACEMENT_FILE, WARPED_FILE, JACOBIAN_FILE, WARPED_LABELS_FILE,
+                SUMMARY_FILE, OVERVIEW_FILE, INVERSE_TRANSFORM_FILE, INVERSE_JACOBIAN_FILE)
+"""Every file a run may write; those a run does not write are removed from its folder."""
 
 
 @dataclass(frozen=True)
@@ -127,7 +131,8 @@ def write_output_folder(outdir: Path, fixed: Image, moving: Image, transform: Sp
                         images: ResultImages, summary: dict, has_affine_stage: bool,
                         fixed_labels: Image | None = None, overview: bool = True,
                         inverse: InverseImages | None = None) -> dict[str, str]:
-    """Writes every output file into ``outdir`` (created by the caller) and returns {kind: path}.
+    """Writes every output file into ``outdir`` (created and locked by the caller, see
+    :func:`.output_folder.locked_output_folder`) and returns {kind: path}.
 
     With ``inverse`` (modes with an inverse), ``inverse_transform.h5`` and
     ``inverse_jacobian.nii.gz`` (on the moving grid) are written too.
@@ -135,8 +140,7 @@ def write_output_folder(outdir: Path, fixed: Image, moving: Image, transform: Sp
     ``summary`` is written as ``summary.json`` after the ``files`` entry is added to it.
     """
     outdir = Path(outdir)
-    staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=outdir))
-    try:
+    with staging_folder(outdir) as staging:
         transform = transform.to("cpu")
         files = {"transform": TRANSFORM_FILE, "displacement": DISPLACEMENT_FILE, "warped": WARPED_FILE,
                  "jacobian": JACOBIAN_FILE, "summary": SUMMARY_FILE}
@@ -153,8 +157,8 @@ def write_output_folder(outdir: Path, fixed: Image, moving: Image, transform: Sp
             files["inverse_transform"] = INVERSE_TRANSFORM_FILE
             files["inverse_jacobian"] = INVERSE_JACOBIAN_FILE
         if images.warped_labels is not None:
-            pixel = sitk.sitkUInt8 if int(images.warped_labels.data.max()) < 256 else sitk.sitkUInt16
-            write_image(images.warped_labels, staging / WARPED_LABELS_FILE, pixel)
+            write_image(images.warped_labels, staging / WARPED_LABELS_FILE,
+                        label_pixel_type(int(images.warped_labels.data.max())))
             files["warped_labels"] = WARPED_LABELS_FILE
         if overview:
             from .overview import render_overview
@@ -165,11 +169,16 @@ def write_output_folder(outdir: Path, fixed: Image, moving: Image, transform: Sp
             files["overview"] = OVERVIEW_FILE
         summary["files"] = dict(files)
         (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-        for name in files.values():
-            (staging / name).replace(outdir / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        commit(staging, outdir, files.values(), OUTPUT_FILES)
     return {kind: str(outdir / name) for kind, name in files.items()}
+
+
+def label_pixel_type(largest: int) -> int:
+    """The smallest unsigned SimpleITK pixel type that holds label values up to ``largest``."""
+    for pixel, bits in ((sitk.sitkUInt8, 8), (sitk.sitkUInt16, 16), (sitk.sitkUInt32, 32)):
+        if largest < 2**bits:
+            return pixel
+    return sitk.sitkUInt64
 
 
 def _overview_title(summary: dict) -> str:

@@ -1,7 +1,8 @@
 """Registering two image files into an output folder: the one entry point of the CLI and Slicer.
 
-:func:`register_files` reads and checks every input (raising :class:`InputError` before any work),
-runs the mode's pipeline with progress and cancellation, and writes the output folder.
+:func:`register_files` checks the inputs' headers against the memory available, reads and checks
+every input (raising :class:`InputError` before any work), runs the mode's pipeline with progress
+and cancellation, refuses a non-finite result, and writes the output folder (locked for the run).
 """
 
 from __future__ import annotations
@@ -13,18 +14,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
+import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .errors import InputError, RegistrationCancelled
+from .errors import InputError, RegistrationCancelled, RegistrationFailed
 from .export import read_initial_transform
 from .image import Image
 from .learning.objective import parse_similarity
-from .io import check_output_directory, read_image, read_labels, read_mask
-from .modes import DEFAULT_MODE, ModeSettings, build_pipeline
-from .outputs import (compute_inverse_images, compute_result_images, inverse_consistency_summary, jacobian_summary,
-                      label_summary, write_output_folder)
+from .io import ImageHeader, check_output_directory, read_header, read_image, read_labels, read_mask
+from .modes import DEFAULT_MODE, REFINING_MODES, TVF_MODES, ModeSettings, build_pipeline
+from .output_folder import check_inputs_outside, locked_output_folder
+from .outputs import (OUTPUT_FILES, compute_inverse_images, compute_result_images, inverse_consistency_summary,
+                      jacobian_summary, label_summary, write_output_folder)
+from .pipeline.memory import available_host_memory
 from .pipeline.problem import RegistrationOptions, RegistrationProblem, resolve_device
 from .pipeline.progress import ProgressCallback
 from .pipeline.runner import RegistrationPipeline
@@ -38,6 +41,12 @@ _BYTES_PER_WORKING_VOXEL = 400
 benchmark's peaks (README) stay below it."""
 _BYTES_PER_FIXED_VOXEL = 80
 """Outputs on the fixed grid: points, displacement, Jacobian, warped image and labels."""
+_BYTES_PER_MOVING_VOXEL = 16
+"""The full-resolution moving image while the result is computed (float32, and its shifted copy
+while it is resampled)."""
+_BYTES_PER_INVERSE_VOXEL = 144
+"""Modes with an inverse: its displacement and Jacobian on the moving grid (a peak of 146 bytes per
+voxel measured with ``PeakMemory`` around ``compute_inverse_images`` on a 160x256x256 grid)."""
 
 
 @dataclass(frozen=True)
@@ -69,22 +78,49 @@ def register_files(request: RegistrationRequest, on_progress: ProgressCallback |
     """Runs one registration and returns the summary (also written to ``summary.json``).
 
     Raises:
-        InputError: a bad input, option or output folder (nothing is written).
+        InputError: a bad input, option or output folder, more memory needed than is available, or
+            another run writing into the same folder (nothing is written).
         RegistrationCancelled: ``cancel`` was set (no output file is written).
+        RegistrationFailed: the result holds non-finite values (no output file is written).
     """
     started = time.perf_counter()
     _check_options(request.options)
     _check_request(request)
     device = resolve_device(request.device)
+    headers = {role: read_header(path, role) for role, path in _image_inputs(request).items()}
+    check_memory(headers["fixed image"].grid, headers["moving image"].grid, request.options.spacing, device,
+                 input_bytes=_input_bytes(headers), inverse=request.mode in TVF_MODES)
     pipeline = build_pipeline(request.mode, has_initial_transform=request.initial_transform is not None,
                               settings=ModeSettings(request.sam_weights, request.vm_weights, request.tvf_weights,
                                                     request.sam_coarse, request.refine_iterations,
                                                     request.similarity))
     inputs = load_inputs(request)
-    check_memory(inputs.fixed.grid, inputs.moving.grid, request.options.spacing, device)
     outdir = check_output_directory(request.output_dir)
-    with _thread_count(request.options.threads):
+    check_inputs_outside(outdir, _file_inputs(request), OUTPUT_FILES)
+    with locked_output_folder(outdir), _thread_count(request.options.threads):
         return _register(request, inputs, pipeline, device, outdir, started, on_progress, cancel)
+
+
+def _image_inputs(request: RegistrationRequest) -> dict[str, str | os.PathLike]:
+    """{role: path} of the request's images, label maps and mask (those given)."""
+    paths = {"fixed image": request.fixed, "moving image": request.moving, "moving labels": request.moving_labels,
+             "fixed labels": request.fixed_labels, "fixed mask": request.fixed_mask}
+    return {role: path for role, path in paths.items() if path is not None}
+
+
+def _file_inputs(request: RegistrationRequest) -> dict[str, str | os.PathLike]:
+    """{role: path} of every file the request reads."""
+    paths = {"initial transform": request.initial_transform, "SAM weights": request.sam_weights,
+             "SAM-VoxelMorph weights": request.vm_weights, "TVF weights": request.tvf_weights}
+    return {**_image_inputs(request), **{role: path for role, path in paths.items() if path is not None}}
+
+
+def _input_bytes(headers: dict[str, ImageHeader]) -> int:
+    """Memory for reading the inputs: the largest file twice in its own pixel type while it is read
+    (ITK's image and the array copy) next to the images (float32) and label maps (int64) kept."""
+    reading = max(header.num_voxels * 2 * header.bytes_per_voxel for header in headers.values())
+    kept = sum(header.num_voxels * (4 if role.endswith("image") else 8) for role, header in headers.items())
+    return reading + kept
 
 
 @dataclass(frozen=True)
@@ -145,6 +181,7 @@ def _register(request: RegistrationRequest, inputs: LoadedInputs, pipeline: Regi
     registration_seconds = time.perf_counter() - started
 
     images = compute_result_images(fixed, moving, result.transform, inputs.moving_labels, request.label_method)
+    _check_finite("the transform", result.transform.affine, images.displacement, images.jacobian)
     body = resample_image(problem.fixed_body_mask(), fixed.grid, interpolation="nearest")
     summary = {
         "mode": request.mode,
@@ -167,6 +204,7 @@ def _register(request: RegistrationRequest, inputs: LoadedInputs, pipeline: Regi
     inverse_images = None
     if inverse is not None:
         inverse_images = compute_inverse_images(moving, inverse)
+        _check_finite("the inverse transform", inverse.affine, inverse_images.displacement, inverse_images.jacobian)
         moving_body = resample_image(problem.moving_body_mask(), moving.grid, interpolation="nearest")
         summary["inverse"] = {
             "field_spacing_mm": inverse.field_grid.spacing[0],
@@ -184,14 +222,27 @@ def _register(request: RegistrationRequest, inputs: LoadedInputs, pipeline: Regi
     return summary
 
 
-def check_memory(fixed: Grid, moving: Grid, spacing: float, device: torch.device) -> None:
+def _check_finite(what: str, affine, *maps: torch.Tensor) -> None:
+    """Raises RegistrationFailed when the affine or a map holds NaN or Inf (the optimisation diverged)."""
+    if not np.isfinite(np.asarray(affine)).all() or not all(bool(torch.isfinite(m).all()) for m in maps):
+        raise RegistrationFailed(f"the registration diverged: {what} holds non-finite values (NaN/Inf); no output "
+                                 "was written: check the options (e.g. --similarity weights) or try another mode")
+
+
+def check_memory(fixed: Grid, moving: Grid, spacing: float, device: torch.device, input_bytes: int = 0,
+                 inverse: bool = False) -> None:
     """Raises InputError when the run would need more memory than is available.
 
-    The estimate covers the working grids at ``spacing`` (deformable optimisation) and the outputs
-    on the fixed grid; it is deliberately generous.
+    The estimate covers the working grids at ``spacing`` (deformable optimisation), the outputs on
+    the fixed grid, the full-resolution moving image (and, with ``inverse``, the inverse's maps on
+    its grid) and ``input_bytes`` for reading the inputs; it is deliberately generous. It needs only
+    the grids' sizes, so it runs on the files' headers before any voxel is read; the memory
+    available takes ``ulimit -v`` and cgroup limits into account
+    (:func:`~.pipeline.memory.available_host_memory`).
     """
     working_voxels = fixed.with_spacing(spacing).num_voxels + moving.with_spacing(spacing).num_voxels
-    output_bytes = fixed.num_voxels * _BYTES_PER_FIXED_VOXEL
+    output_bytes = (fixed.num_voxels * _BYTES_PER_FIXED_VOXEL + input_bytes
+                    + moving.num_voxels * (_BYTES_PER_MOVING_VOXEL + (_BYTES_PER_INVERSE_VOXEL if inverse else 0)))
     working_bytes = working_voxels * _BYTES_PER_WORKING_VOXEL
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -200,10 +251,12 @@ def check_memory(fixed: Grid, moving: Grid, spacing: float, device: torch.device
                              f"memory but {free / 2**30:.1f} GiB is free: use --device cpu or a larger --spacing")
         working_bytes = 0
     needed = working_bytes + output_bytes
-    available = psutil.virtual_memory().available
+    available = available_host_memory()
     if needed > available:
-        raise InputError(f"--spacing {spacing:g}: the registration needs about {needed / 2**30:.1f} GiB of memory but "
-                         f"{available / 2**30:.1f} GiB is available: use a larger --spacing or crop the images")
+        sizes = f"fixed {'x'.join(map(str, fixed.size_ijk))}, moving {'x'.join(map(str, moving.size_ijk))} voxels"
+        raise InputError(f"--spacing {spacing:g}: the registration ({sizes}) needs about {needed / 2**30:.1f} GiB of "
+                         f"memory but {available / 2**30:.1f} GiB is available: use a larger --spacing, or crop or "
+                         "downsample the images")
 
 
 def _check_options(options: RegistrationOptions) -> None:
@@ -217,6 +270,10 @@ def _check_request(request: RegistrationRequest) -> None:
     """Checks the learned stages' choices before any work (the CLI, Slicer and scripts alike)."""
     if request.refine_iterations is not None and request.refine_iterations < 0:
         raise InputError(f"--refine-iterations {request.refine_iterations}: must be 0 or more")
+    for option, value in (("--similarity", request.similarity), ("--refine-iterations", request.refine_iterations)):
+        if value is not None and request.mode not in REFINING_MODES:
+            raise InputError(f"{option} {value}: has no effect with --mode {request.mode} (only the learned stages of "
+                             f"modes {', '.join(REFINING_MODES)} refine): leave it out or choose one of those modes")
     if request.similarity is not None:
         try:
             parse_similarity(request.similarity)

@@ -13,14 +13,16 @@ by killing a process tree. Both ends of the protocol live in this file:
   - ``{"event": "progress", "stage", "stage_index", "stage_count", "fraction", "overall_fraction", "message"}``
   - ``{"event": "warning", "message": ...}``
   - ``{"event": "summary", "summary": {...}}`` (the run succeeded; outputs are complete), or
-  - ``{"event": "error", "kind": "input" | "cancelled" | "internal", "message": ...}``
+  - ``{"event": "error", "kind": "input" | "cancelled" | "failed" | "internal", "message": ...}``
+    (``failed``: the result was unusable, e.g. NaN; ``internal``: a bug, traceback on stderr)
 
   Exit code 0 after a summary, 2 for bad input, 3 when cancelled, 1 for anything else. Anything
   else the process prints goes to stderr. With ``--stdin-control`` a line ``cancel`` on stdin, or
-  stdin closing (the parent died), cancels the run cleanly.
+  stdin closing (the parent died), cancels the run cleanly; so does SIGTERM (or Ctrl-C).
 * the **client**: :class:`WorkerProcess` starts the worker, reads its stdout and stderr on threads
   into a queue, and :meth:`~WorkerProcess.poll` returns the events without blocking (the Slicer
-  module polls from a QTimer); :meth:`~WorkerProcess.cancel` kills the whole process tree.
+  module polls from a QTimer); :meth:`~WorkerProcess.cancel` stops the whole process tree (SIGTERM,
+  then SIGKILL for what is still running after a grace period).
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ EXIT_BAD_INPUT = 2
 EXIT_CANCELLED = 3
 _PROGRESS_INTERVAL_S = 0.1
 """Progress events of one stage are sent at most this often (a stage's first and last always)."""
+TERMINATE_GRACE_S = 5.0
+"""How long :meth:`WorkerProcess.cancel` lets the worker clean up after SIGTERM before killing it."""
 
 
 # =========================================================================================== worker
@@ -135,8 +139,16 @@ def _run(args, emitter: _Emitter) -> int:
         emitter.emit("warning", message=str(message))
 
     warnings.showwarning = show_warning
+    from .signals import terminate_like_ctrl_c
+
+    with terminate_like_ctrl_c():
+        return _register(args, emitter, cancel)
+
+
+def _register(args, emitter: _Emitter, cancel: threading.Event) -> int:
+    """Reads the request, runs it and reports the outcome as one final event; returns the exit code."""
     try:
-        from .errors import InputError, RegistrationCancelled
+        from .errors import InputError, RegistrationCancelled, RegistrationFailed
         from .registration import register_files
 
         try:
@@ -150,9 +162,13 @@ def _run(args, emitter: _Emitter) -> int:
     except InputError as error:
         emitter.emit("error", kind="input", message=str(error))
         return EXIT_BAD_INPUT
-    except RegistrationCancelled as error:
-        emitter.emit("error", kind="cancelled", message=str(error))
+    except (RegistrationCancelled, KeyboardInterrupt) as error:
+        emitter.emit("error", kind="cancelled", message=str(error) if isinstance(error, RegistrationCancelled)
+                     else "registration cancelled (interrupted); no output written")
         return EXIT_CANCELLED
+    except RegistrationFailed as error:
+        emitter.emit("error", kind="failed", message=str(error))
+        return EXIT_INTERNAL_ERROR
     except Exception as error:  # noqa: BLE001 - reported to the parent, which shows it to the user
         import traceback
 
@@ -267,18 +283,30 @@ class WorkerProcess:
         except (OSError, ValueError):
             pass
 
-    def cancel(self) -> None:
-        """Kills the worker and every process it started, at once."""
+    def cancel(self, grace_s: float = TERMINATE_GRACE_S) -> None:
+        """Stops the worker and every process it started: SIGTERM first, so the worker removes its
+        staging folder and exits, then SIGKILL after ``grace_s`` seconds (on Windows: at once)."""
         if self.process is None or self.process.poll() is not None:
             return
         self.killed = True
         if os.name == "nt":
             subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.process.pid)], capture_output=True, check=False)
-        else:
+            self.process.wait()
+            return
+        for number, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, None)):
             try:
-                os.killpg(self.process.pid, signal.SIGKILL)
+                os.killpg(self.process.pid, number)
             except ProcessLookupError:
-                pass
+                break
+            try:
+                self.process.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # whatever the worker started and left behind
+        except ProcessLookupError:
+            pass
         self.process.wait()
 
 

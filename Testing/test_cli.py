@@ -319,7 +319,7 @@ def _nan(folder: Path, inputs: Inputs) -> tuple[list[str], Path]:
 
 def _labels_off_grid(folder: Path, inputs: Inputs) -> tuple[list[str], Path]:
     labels = sitk.ReadImage(str(inputs.fixed_labels))
-    labels.SetOrigin(tuple(o + 0.4 * VOXEL_MM for o in labels.GetOrigin()))
+    labels.SetOrigin(tuple(o + 1000.0 for o in labels.GetOrigin()))
     path = folder / "shifted_labels.nii.gz"
     sitk.WriteImage(labels, str(path))
     return [str(inputs.fixed), str(inputs.moving), "--fixed-labels", str(path)], path
@@ -338,7 +338,7 @@ BAD_INPUTS = {
     "4-D image": (_four_d, "4-D"),
     "constant image": (_constant, "constant"),
     "NaN values": (_nan, "NaN"),
-    "labels off their image grid": (_labels_off_grid, "does not match"),
+    "labels away from their image": (_labels_off_grid, "does not overlap"),
     "unreadable initial transform": (_bad_initial_transform, "initial transform"),
 }
 

@@ -190,11 +190,25 @@ def test_labels_stored_flipped_or_permuted_are_reoriented_exactly(tmp_path, layo
     np.testing.assert_array_equal(read.numpy(), labels)
 
 
-def test_labels_on_another_grid_are_rejected(tmp_path):
-    path = write_array(tmp_path / "labels.nii.gz", labels_array(), origin=(15.0, -20.0, 30.0))
-    with pytest.raises(InputError, match="does not match its image") as error:
+def test_labels_on_a_coarser_grid_of_the_same_space_are_resampled_with_a_note(tmp_path):
+    """A 4x4x4 label map of 2 mm voxels covering the same box as an 8x8x8 image of 1 mm voxels
+    (like a 256^2 label map of a 512^2 CT): each label voxel becomes the 2x2x2 image voxels inside it."""
+    image = Image(torch.from_numpy(random_volume((8, 8, 8))), Grid.create((8, 8, 8), (1.0, 1.0, 1.0)))
+    coarse = np.arange(64, dtype=np.uint16).reshape(4, 4, 4) * 1000  # values up to 63000
+    path = write_array(tmp_path / "labels.nii.gz", coarse, spacing=(2.0, 2.0, 2.0), origin=(0.5, 0.5, 0.5),
+                       direction=np.eye(3))
+    with pytest.warns(UserWarning, match=r"on another grid than its image.*resampled.*covering 100.0 %"):
+        read = read_labels(path, image)
+    assert read.grid == image.grid
+    expected = coarse.repeat(2, 0).repeat(2, 1).repeat(2, 2)
+    np.testing.assert_array_equal(read.numpy(), expected)
+
+
+def test_labels_that_do_not_overlap_their_image_are_rejected(tmp_path):
+    path = write_array(tmp_path / "labels.nii.gz", labels_array(), origin=(500.0, -20.0, 30.0))
+    with pytest.raises(InputError, match="does not overlap its image") as error:
         read_labels(path, image_on_grid())
-    assert str(path) in str(error.value) and "resample the labels" in str(error.value)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize("value, key", [(-1.0, "negative"), (1.5, "non-integer"), (np.nan, "non-integer")])

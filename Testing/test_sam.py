@@ -169,6 +169,6 @@ def test_two_process_data_parallel_training_and_resume(tmp_path):
     assert second.returncode == 0, second.stderr[-2000:]
     steps = [json.loads(line)["step"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
-    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert checkpoint["step"] == 4 and len(checkpoint["generators"]) == 2
     assert load_sam(tmp_path / "sam.pt").config == SAMConfig()

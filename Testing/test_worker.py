@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import SimpleITK as sitk
 
@@ -21,7 +23,9 @@ from sample_cases import FAST_MODE, FAST_OPTIONS, write_tiny_pair
 from SAMERegistrationLib.outputs import (
     AFFINE_FILE, DISPLACEMENT_FILE, JACOBIAN_FILE, SUMMARY_FILE, TRANSFORM_FILE, WARPED_FILE, WARPED_LABELS_FILE,
 )
-from SAMERegistrationLib.worker import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_OK, WorkerProcess, library_parent
+from SAMERegistrationLib.export import write_affine
+from SAMERegistrationLib.worker import (EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_INTERNAL_ERROR, EXIT_OK, WorkerProcess,
+                                        library_parent)
 
 RESULT_FILES = {TRANSFORM_FILE, AFFINE_FILE, DISPLACEMENT_FILE, WARPED_FILE, JACOBIAN_FILE, WARPED_LABELS_FILE,
                 SUMMARY_FILE}
@@ -81,14 +85,27 @@ def test_worker_streams_monotonic_progress_then_the_summary(pair, tmp_path):
     assert dice["mean"] > dice["mean_before_registration"] + 0.3
 
 
-def test_killing_the_worker_during_the_affine_stage_leaves_no_output(pair, tmp_path):
+def test_cancelling_the_worker_during_the_affine_stage_stops_it_cleanly(pair, tmp_path):
+    """cancel() sends SIGTERM: the worker reports the cancel, exits with code 3 and leaves nothing
+    in the output folder (no result file, no hidden staging folder)."""
     outdir = tmp_path / "out"
     worker = WorkerProcess(request(pair, outdir), tmp_path / "request.json").start()
     wait_for(worker, lambda e: e["event"] == "progress" and e["stage"] == "intensity-affine")
     worker.cancel()
-    assert worker.returncode < 0 and worker.killed
+    assert worker.returncode == EXIT_CANCELLED and worker.killed
     events = worker.wait()
-    assert not any(e["event"] in ("summary", "error") for e in events)
+    assert not any(e["event"] == "summary" for e in events)
+    assert [e["kind"] for e in events if e["event"] == "error"] == ["cancelled"]
+    assert (sorted(os.listdir(outdir)) if outdir.exists() else []) == []
+
+
+def test_a_worker_that_ignores_sigterm_is_killed_after_the_grace_period(pair, tmp_path):
+    outdir = tmp_path / "out"
+    worker = WorkerProcess(request(pair, outdir), tmp_path / "request.json").start()
+    wait_for(worker, lambda e: e["event"] == "started")
+    os.kill(worker.process.pid, signal.SIGSTOP)  # a stopped process cannot handle SIGTERM
+    worker.cancel(grace_s=0.5)
+    assert worker.returncode == -signal.SIGKILL and worker.killed
     left = set(os.listdir(outdir)) if outdir.exists() else set()
     assert not left & RESULT_FILES, left
 
@@ -115,6 +132,21 @@ def test_bad_input_gives_one_error_line_and_exit_code_2(pair, tmp_path):
     assert str(missing) in errors[0]["message"] and "does not exist" in errors[0]["message"]
     assert not any(e["event"] == "summary" for e in events)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_diverged_result_is_a_failed_run_without_outputs(pair, tmp_path):
+    """An initial transform scaling by 1e30 makes every mapped point infinite: the worker reports
+    one error of kind "failed" (not an internal error with a traceback) and writes nothing."""
+    initial = tmp_path / "explode.tfm"
+    write_affine(np.diag([1e30, 1e30, 1e30, 1.0]), initial)
+    worker = WorkerProcess(request(pair, tmp_path / "out", initial_transform=str(initial)),
+                           tmp_path / "request.json").start()
+    events = worker.wait(timeout=120)
+    assert worker.returncode == EXIT_INTERNAL_ERROR
+    errors = [e for e in events if e["event"] == "error"]
+    assert len(errors) == 1 and errors[0]["kind"] == "failed" and "diverged" in errors[0]["message"]
+    assert not any(e["event"] == "log" and "Traceback" in e["message"] for e in events)
+    assert sorted(os.listdir(tmp_path / "out")) == []
 
 
 def test_unknown_request_field_is_refused_before_any_work(pair, tmp_path):

@@ -78,7 +78,7 @@ def load_weights(path: Path) -> tuple[SAMNet, str]:
     """Shipped weights (``.sha256`` beside them, via :func:`load_sam`) or a training checkpoint."""
     if path.with_suffix(path.suffix + ".sha256").is_file() or not path.is_file():
         return load_sam(path), "checksum verified by load_sam"
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only
     model = SAMNet(SAMConfig.from_dict(checkpoint["config"]))
     model.load_state_dict(checkpoint["state_dict"])
     step = checkpoint.get("step", "?")

@@ -17,6 +17,7 @@ velocity or a displacement, on its own grid), weighted 1 inside the fixed body a
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -74,19 +75,25 @@ def parse_similarity(spec: str) -> list[tuple[float, str]]:
     """``"lncc+0.1*sam"`` -> ``[(1.0, "lncc"), (0.1, "sam")]``.
 
     Raises:
-        ValueError: a part is not ``[weight*]name`` with a registered name and a positive weight.
+        ValueError: a part is not ``[weight*]name`` with a registered name and a positive, finite
+            weight.
     """
     terms = []
     for part in spec.replace(" ", "").split("+"):
         match = re.fullmatch(r"(?:([0-9.eE-]+)\*)?([a-z][a-z0-9-]*)", part)
         if match is None:
             raise ValueError(f"similarity {spec!r}: cannot read {part!r}: write e.g. 'lncc' or 'lncc+0.1*sam'")
-        weight = float(match.group(1)) if match.group(1) else 1.0
+        try:
+            weight = float(match.group(1)) if match.group(1) else 1.0
+        except ValueError:
+            raise ValueError(f"similarity {spec!r}: cannot read the weight {match.group(1)!r}: write a number "
+                             "such as 0.1") from None
         name = match.group(2)
         if name not in _SIMILARITY_FACTORIES:
             raise ValueError(f"similarity {spec!r}: unknown term {name!r}: choose from {', '.join(similarity_names())}")
-        if weight <= 0:
-            raise ValueError(f"similarity {spec!r}: the weight of {name!r} must be positive")
+        if not math.isfinite(weight) or weight <= 0:
+            raise ValueError(f"similarity {spec!r}: the weight of {name!r} must be a positive finite number, "
+                             f"got {weight:g}")
         terms.append((weight, name))
     return terms
 

@@ -90,7 +90,7 @@ class TrainingRun:
             optimiser, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
         path = self.output / CHECKPOINT_NAME
         if self.args.resume and path.is_file():
-            state = torch.load(path, map_location="cpu", weights_only=False)
+            state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only
             self.model.load_state_dict(state["state_dict"])
             self.optimiser.load_state_dict(state["optimiser"])
             self.schedule.load_state_dict(state["schedule"])
@@ -136,7 +136,8 @@ class TrainingRun:
         if self.is_main:
             torch.save({"state_dict": self.model.state_dict(), "optimiser": self.optimiser.state_dict(),
                         "schedule": self.schedule.state_dict(), "step": done, "generators": generators,
-                        "args": vars(self.args)}, self.output / CHECKPOINT_NAME)
+                        "args": json.loads(json.dumps(vars(self.args), default=str))},  # plain values only
+                       self.output / CHECKPOINT_NAME)
 
     def _generator_states(self) -> list[torch.Tensor]:
         """Every rank's sampling generator state, so a resumed run draws the same samples."""

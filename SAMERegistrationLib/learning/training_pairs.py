@@ -67,6 +67,27 @@ class TrainingScan:
     def is_pair(self) -> bool:
         return self.moving_hu is not None
 
+    def to_plain(self) -> dict:
+        """Tensors, strings and tuples only (all images share ``hu.grid``), so a cache file loads with
+        ``torch.load(weights_only=True)`` and no code in it can run."""
+        grid = self.hu.grid
+        return {"grid": {"shape": grid.shape, "spacing": grid.spacing, "origin": grid.origin,
+                         "direction": grid.direction},
+                "hu": self.hu.data, "body": self.body, "name": self.name,
+                **{key: None if image is None else image.data for key, image in
+                   (("labels", self.labels), ("moving_hu", self.moving_hu), ("moving_labels", self.moving_labels))}}
+
+    @staticmethod
+    def from_plain(plain: dict) -> TrainingScan:
+        """The inverse of :meth:`to_plain`."""
+        grid = Grid(**plain["grid"])
+
+        def image(key: str) -> Image | None:
+            return None if plain[key] is None else Image(plain[key], grid)
+
+        return TrainingScan(image("hu"), plain["body"], image("labels"), image("moving_hu"), image("moving_labels"),
+                            plain["name"])
+
 
 @dataclass(frozen=True)
 class Augmentation:
@@ -154,10 +175,11 @@ def prepare_scans(volumes: list[dict], pairs: list[dict], spacing: float, cache:
     are trained on CT in HU).
 
     With ``cache`` (a file, e.g. in the run's output folder) the prepared scans are saved there once
-    and read back by later runs (``--resume``), skipping the pre-alignments.
+    and read back by later runs (``--resume``), skipping the pre-alignments; it holds only tensors and
+    plain values (:meth:`TrainingScan.to_plain`) and is loaded with ``weights_only=True``.
     """
     if cache is not None and Path(cache).is_file():
-        return torch.load(cache, weights_only=False)
+        return [TrainingScan.from_plain(plain) for plain in torch.load(cache, weights_only=True)]
     scans = [_scan(entry["image"], entry.get("labels"), spacing) for entry in volumes]
     for entry in pairs:
         fixed = _scan(entry["fixed"], entry.get("fixed_labels"), spacing)
@@ -172,7 +194,7 @@ def prepare_scans(volumes: list[dict], pairs: list[dict], spacing: float, cache:
         scans.append(TrainingScan(fixed.hu, fixed.body, fixed.labels, moving_hu, moving_labels,
                                   f"{Path(entry['fixed']).name} <- {Path(entry['moving']).name}"))
     if cache is not None:
-        torch.save(scans, cache)
+        torch.save([scan.to_plain() for scan in scans], cache)
     return scans
 
 

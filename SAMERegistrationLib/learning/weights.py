@@ -9,6 +9,7 @@ so a damaged download or a swapped file is reported instead of silently giving w
 from __future__ import annotations
 
 import hashlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -57,17 +58,28 @@ def load_checked(path: Path | str, what: str, option: str) -> dict:
     if not checksum_file.is_file():
         raise InputError(f"{what} {path}: no checksum file {checksum_file.name} beside it: "
                          "write its SHA-256 there (sha256sum) to confirm the file is the one you mean")
-    expected = checksum_file.read_text().split()[0]
+    try:
+        expected = checksum_file.read_text().split()[0]
+    except (UnicodeDecodeError, IndexError) as error:
+        raise InputError(f"{what} {path}: its checksum file {checksum_file.name} is empty or not text: write the "
+                         "file's SHA-256 there (sha256sum)") from error
     actual = sha256_file(path)
     if actual != expected:
         raise InputError(f"{what} {path}: SHA-256 {actual[:12]}... does not match {checksum_file.name} "
                          f"({expected[:12]}...): the file is damaged or was replaced; reinstall or re-download it")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, ValueError, EOFError) as error:
-        raise InputError(f"{what} {path}: not a weights file ({error})") from error
-    if not isinstance(checkpoint, dict) or "config" not in checkpoint or "state_dict" not in checkpoint:
-        raise InputError(f"{what} {path}: not a weights file of this project (no config/state_dict)")
+        with warnings.catch_warnings():  # torch warns about pickle protocols of files it then refuses
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any failure to parse an untrusted file is the file's fault
+        # torch's own message may run over many lines and suggest weights_only=False: not shown.
+        raise InputError(f"{what} {path}: cannot be loaded as plain tensors ({type(error).__name__}; the file is "
+                         f"damaged or holds code, which is never run): reinstall or re-download it, or give "
+                         f"{option} FILE") from error
+    if (not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("config"), dict)
+            or not isinstance(checkpoint.get("state_dict"), dict)):
+        raise InputError(f"{what} {path}: not a weights file of this project (no config and state_dict "
+                         f"dictionaries): give {option} a file written by this project's training")
     return checkpoint
 
 
@@ -80,6 +92,8 @@ def build_checked(checkpoint: dict, build, what: str, path: Path | str) -> nn.Mo
     try:
         model = build(checkpoint["config"])
         model.load_state_dict(checkpoint["state_dict"])
-    except (KeyError, RuntimeError, TypeError, ValueError) as error:
-        raise InputError(f"{what} {path}: the weights do not fit this network ({error})") from error
+    except (AttributeError, KeyError, RuntimeError, TypeError, ValueError) as error:
+        reason = " ".join(str(error).split())[:300] or type(error).__name__
+        raise InputError(f"{what} {path}: the weights do not fit this network ({reason}): give the weights of "
+                         "this network") from error
     return model.eval()

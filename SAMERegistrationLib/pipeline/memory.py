@@ -1,9 +1,11 @@
-"""Peak memory of a block of code: host resident memory and, on CUDA, the device allocator's peak."""
+"""Host memory: the peak of a block of code (and, on CUDA, the device allocator's peak), and what
+is still available to the process."""
 
 from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 
 import psutil
 import torch
@@ -47,3 +49,26 @@ class PeakMemory:
 
     def _rss_mib(self) -> float:
         return self._process.memory_info().rss / 2**20
+
+
+def available_host_memory() -> int:
+    """Bytes this process can still allocate: the system's available memory, lowered by an
+    address-space limit (``ulimit -v``, minus what the process has mapped already) and by a cgroup v2
+    memory limit (containers, batch systems) where there is one."""
+    available = psutil.virtual_memory().available
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            available = min(available, max(0, soft - psutil.Process(os.getpid()).memory_info().vms))
+    except ImportError:  # Windows has no address-space limits
+        pass
+    cgroup = Path("/sys/fs/cgroup")
+    try:
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            available = min(available, max(0, int(limit) - int((cgroup / "memory.current").read_text())))
+    except (OSError, ValueError):
+        pass
+    return available

@@ -53,6 +53,28 @@ def sample_at_points(volume: torch.Tensor, grid: Grid, points: torch.Tensor,
     return values[0] if squeeze else values
 
 
+def nearest_at_points(volume: torch.Tensor, grid: Grid, points: torch.Tensor) -> torch.Tensor:
+    """The value of the nearest voxel of ``volume`` at LPS points, copied exactly (any dtype, e.g.
+    int64 labels beyond float32's 2^24), 0 farther than half a voxel outside the image.
+
+    Args:
+        volume: ``(D, H, W)`` values on ``grid``.
+        grid: the voxel grid of ``volume``.
+        points: ``(..., 3)`` LPS mm positions.
+
+    Returns:
+        ``(...)`` values of ``volume``'s dtype.
+    """
+    if tuple(volume.shape) != grid.shape:
+        raise ValueError(f"nearest_at_points(): volume shape {tuple(volume.shape)} does not match grid {grid.shape}")
+    index = grid.world_to_index_points(points.to(torch.float32))
+    last = torch.tensor(grid.size_ijk, dtype=index.dtype, device=index.device) - 1
+    inside = ((index >= -0.5) & (index <= last + 0.5)).all(dim=-1)
+    nearest = torch.minimum(torch.maximum(torch.round(index), torch.zeros_like(last)), last).long()
+    values = volume[nearest[..., 2], nearest[..., 1], nearest[..., 0]]
+    return torch.where(inside, values, torch.zeros((), dtype=volume.dtype, device=volume.device))
+
+
 def chunk_ranges(grid: Grid, max_points: int = _MAX_POINTS_PER_CHUNK) -> list[tuple[int, int]]:
     """Splits the D axis of ``grid`` into ``[k0, k1)`` slabs of at most ``max_points`` voxels."""
     slab = max(1, max_points // (grid.shape[1] * grid.shape[2]))
