@@ -19,6 +19,7 @@ import torch
 
 from .errors import InputError
 from .image import Image, grid_of_sitk
+from .spatial.grid import Grid
 from .spatial.warp import resample_labels
 
 _MIN_VOXELS_PER_AXIS = 4
@@ -43,6 +44,27 @@ def read_image(path: str | os.PathLike, role: str = "fixed image") -> Image:
     _check_intensities(image.data, path, role)
     _check_nifti_finite(Path(path), role)
     return image
+
+
+def read_grid(path: str | os.PathLike, role: str = "fixed image") -> Grid:
+    """The voxel grid (LPS mm) of an image file from its header, without reading the voxels (a DICOM
+    folder, or a file whose header alone does not describe one scalar 3-D volume, is read whole).
+
+    Raises:
+        InputError: as :func:`read_image` for a missing, unreadable or unsuitable file.
+    """
+    source = Path(path)
+    if source.is_file():
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(source))
+        try:
+            reader.ReadImageInformation()
+            if reader.GetDimension() == 3 and reader.GetNumberOfComponents() == 1:
+                return Grid.create(reader.GetSize()[::-1], reader.GetSpacing(), reader.GetOrigin(),
+                                   reader.GetDirection())
+        except (RuntimeError, ValueError):
+            pass
+    return grid_of_sitk(_read_volume(source, role))
 
 
 def read_labels(path: str | os.PathLike, image: Image, role: str = "moving labels") -> Image:
@@ -210,8 +232,11 @@ def _check_nifti_finite(path: Path, role: str) -> None:
     if not path.is_file() or not path.name.lower().endswith((".nii", ".nii.gz")):
         return
     opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rb") as stream:
-        content = stream.read()
+    try:
+        with opener(path, "rb") as stream:
+            content = stream.read()
+    except (OSError, EOFError) as error:   # ITK reads a truncated .nii.gz without complaint
+        raise InputError(f"{role} {path}: is damaged or truncated ({error}): copy or export the file again") from error
     for order in ("<", ">"):
         size = int(np.frombuffer(content[:4], dtype=f"{order}i4")[0])
         if size == 348:

@@ -73,8 +73,7 @@ def register_files(request: RegistrationRequest, on_progress: ProgressCallback |
         RegistrationCancelled: ``cancel`` was set (no output file is written).
     """
     started = time.perf_counter()
-    _check_options(request.options)
-    _check_request(request)
+    check_request(request)
     device = resolve_device(request.device)
     pipeline = build_pipeline(request.mode, has_initial_transform=request.initial_transform is not None,
                               settings=ModeSettings(request.sam_weights, request.vm_weights, request.tvf_weights,
@@ -184,15 +183,18 @@ def _register(request: RegistrationRequest, inputs: LoadedInputs, pipeline: Regi
     return summary
 
 
-def check_memory(fixed: Grid, moving: Grid, spacing: float, device: torch.device) -> None:
-    """Raises InputError when the run would need more memory than is available.
-
-    The estimate covers the working grids at ``spacing`` (deformable optimisation) and the outputs
-    on the fixed grid; it is deliberately generous.
-    """
+def estimated_memory(fixed: Grid, moving: Grid, spacing: float) -> tuple[int, int]:
+    """Deliberately generous bounds, in bytes, of one registration's memory: ``(working, outputs)``,
+    the stages on the working grids at ``spacing`` mm (on the registration's device) and the
+    outputs on the fixed grid (host memory)."""
     working_voxels = fixed.with_spacing(spacing).num_voxels + moving.with_spacing(spacing).num_voxels
-    output_bytes = fixed.num_voxels * _BYTES_PER_FIXED_VOXEL
-    working_bytes = working_voxels * _BYTES_PER_WORKING_VOXEL
+    return working_voxels * _BYTES_PER_WORKING_VOXEL, fixed.num_voxels * _BYTES_PER_FIXED_VOXEL
+
+
+def check_memory(fixed: Grid, moving: Grid, spacing: float, device: torch.device) -> None:
+    """Raises InputError when the run would need more memory than is available (see
+    :func:`estimated_memory`)."""
+    working_bytes, output_bytes = estimated_memory(fixed, moving, spacing)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         if working_bytes > free:
@@ -206,6 +208,12 @@ def check_memory(fixed: Grid, moving: Grid, spacing: float, device: torch.device
                          f"{available / 2**30:.1f} GiB is available: use a larger --spacing or crop the images")
 
 
+def check_request(request: RegistrationRequest) -> None:
+    """Raises InputError for a bad option of ``request`` (before any file is read)."""
+    _check_options(request.options)
+    _check_learned_stage_options(request)
+
+
 def _check_options(options: RegistrationOptions) -> None:
     if not 0.25 <= options.spacing <= 16.0:
         raise InputError(f"--spacing {options.spacing:g}: the working spacing must be between 0.25 and 16 mm")
@@ -213,7 +221,7 @@ def _check_options(options: RegistrationOptions) -> None:
         raise InputError(f"--threads {options.threads}: must be at least 1")
 
 
-def _check_request(request: RegistrationRequest) -> None:
+def _check_learned_stage_options(request: RegistrationRequest) -> None:
     """Checks the learned stages' choices before any work (the CLI, Slicer and scripts alike)."""
     if request.refine_iterations is not None and request.refine_iterations < 0:
         raise InputError(f"--refine-iterations {request.refine_iterations}: must be 0 or more")
