@@ -16,12 +16,15 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from distributed import Client, Event, Future, KilledWorker, wait
+from tqdm import tqdm
+
 from ..cli import add_registration_options, registration_request
 from ..errors import InputError
 from ..io import check_output_directory, read_grid
 from ..outputs import read_complete_output
 from ..registration import RegistrationRequest, check_request, estimated_memory
-from .cluster import RESOURCE, connect, dashboard_link, plan_local_cluster, start_local_cluster
+from .cluster import RESOURCE, connect, dashboard_link, plan_local_cluster, registration_slots, start_local_cluster
 from .pairs import Pair, read_pairs
 from .results import FAILED, OK, SKIPPED, PairResult, ResultsTable, result_from_summary
 from .task import register_pair, staging_folders
@@ -30,6 +33,8 @@ PROG = "same-register-batch"
 EXIT_SOME_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_CANCELLED = 130
+_TOP_UP_INTERVAL_S = 1.0
+"""How often the batch looks for finished pairs and free worker slots."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,13 +130,13 @@ def _cluster(args: argparse.Namespace, jobs: list[Job]):
     """``(cluster, client)``: the local cluster (None with ``--scheduler``) and a client of it."""
     if args.scheduler is not None:
         client = connect(args.scheduler)
-        _announce(f"Dask scheduler {args.scheduler}: {len(client.scheduler_info()['workers'])} workers", client, args.quiet)
+        _announce(f"Dask scheduler {args.scheduler}: {len(client.scheduler_info()['workers'])} workers", client, args.quiet, local=False)
         return None, client
     plan = plan_local_cluster(max(_pair_bytes(job.pair, args.spacing) for job in jobs), len(jobs),
                               args.workers, args.threads_per_worker)
     cluster, client = start_local_cluster(plan)
     _announce(f"Local Dask cluster: {plan.workers} workers x {plan.threads_per_worker} threads, "
-              f"{plan.memory_per_worker / 2**30:.1f} GiB each", client, args.quiet)
+              f"{plan.memory_per_worker / 2**30:.1f} GiB each", client, args.quiet, local=True)
     return cluster, client
 
 
@@ -145,46 +150,63 @@ def _pair_bytes(pair: Pair, spacing: float) -> int:
     return sum(estimated_memory(fixed, moving, spacing))
 
 
-def _announce(line: str, client, quiet: bool) -> None:
+def _announce(line: str, client, quiet: bool, local: bool) -> None:
     if quiet:
         return
-    link = dashboard_link(client)
+    link = dashboard_link(client, local)
     print(line + (f"; dashboard {link}" if link else ""), file=sys.stderr)
 
 
-def _run(client, jobs: list[Job], table: ResultsTable, outroot: Path, force: bool, quiet: bool) -> None:
-    """Submits every job and records each row as it finishes. On Ctrl-C (KeyboardInterrupt) the
-    running pairs are told to stop and the pending ones are cancelled before it propagates."""
-    from distributed import Event, KilledWorker, as_completed
-    from tqdm import tqdm
+def _run(client: Client, jobs: list[Job], table: ResultsTable, outroot: Path, force: bool, quiet: bool) -> None:
+    """Registers every job and records each row as it finishes.
 
+    At most as many pairs are handed to the scheduler as its workers offer :data:`RESOURCE` slots
+    (re-counted every second, at least one): Dask assigns a task to a worker before the worker has
+    a free slot, and a worker that dies takes every task assigned to it, so this keeps a crash to
+    the one pair it was registering. On Ctrl-C (KeyboardInterrupt) the running pairs are told to
+    stop and the rest are cancelled before it propagates.
+    """
     cancel_name = f"same-register-batch-cancel-{uuid.uuid4().hex}"
     cancel = Event(cancel_name, client=client)
-    futures = {client.submit(register_pair, job.request, job.pair.id, force, cancel_name,
-                             key=f"register-{job.pair.id}-{uuid.uuid4().hex[:8]}", resources={RESOURCE: 1},
-                             pure=False): job for job in jobs}
+    waiting = list(jobs)
+    running: dict[Future, Job] = {}
     bar = tqdm(total=len(jobs), desc="pairs", unit="pair", file=sys.stderr, disable=quiet)
     try:
-        for future in as_completed(futures):
-            job = futures[future]
+        while waiting or running:
+            for job in waiting[:max(1, registration_slots(client)) - len(running)]:
+                future = client.submit(register_pair, job.request, job.pair.id, force, cancel_name, pure=False,
+                                       key=f"register-{job.pair.id}-{uuid.uuid4().hex[:8]}", resources={RESOURCE: 1})
+                running[future] = job
+                waiting.remove(job)
             try:
-                result = future.result()
-            except KilledWorker:
-                result = PairResult(job.pair.id, FAILED, message="the worker registering this pair died (a crash, or "
-                                                                 "it exceeded its memory limit): see the worker's log")
-                for folder in staging_folders(outroot, job.pair.id):
-                    shutil.rmtree(folder, ignore_errors=True)
-            except Exception as error:  # noqa: BLE001 - e.g. the worker cannot import the library
-                result = PairResult(job.pair.id, FAILED, message=" ".join(f"{type(error).__name__}: {error}".split()))
-            table.add(result)
-            bar.set_postfix_str(f"{table.count(OK)} ok, {table.count(FAILED)} failed", refresh=False)
-            bar.update(1)
+                finished, _ = wait(list(running), timeout=_TOP_UP_INTERVAL_S, return_when="FIRST_COMPLETED")
+            except TimeoutError:
+                continue
+            for future in finished:
+                table.add(_result(future, running.pop(future), outroot))
+                bar.set_postfix_str(f"{table.count(OK)} ok, {table.count(FAILED)} failed", refresh=False)
+                bar.update(1)
     except KeyboardInterrupt:
         cancel.set()
-        client.cancel(list(futures))
+        client.cancel(list(running))
         raise
     finally:
         bar.close()
+
+
+def _result(future: Future, job: Job, outroot: Path) -> PairResult:
+    """The row of a finished task (a lost worker or a task that could not run is a failed row)."""
+    try:
+        return future.result()
+    except KilledWorker as error:
+        for folder in staging_folders(outroot, job.pair.id):
+            shutil.rmtree(folder, ignore_errors=True)
+        lost = getattr(getattr(error, "last_worker", None), "address", "")
+        return PairResult(job.pair.id, FAILED, worker=lost or "",
+                          message="the worker registering this pair died (a crash, or it exceeded its memory "
+                                  "limit): see the worker's log")
+    except Exception as error:  # noqa: BLE001 - e.g. the worker cannot import the library
+        return PairResult(job.pair.id, FAILED, message=" ".join(f"{type(error).__name__}: {error}".split()))
 
 
 def _close(client, cluster) -> None:
@@ -195,7 +217,7 @@ def _close(client, cluster) -> None:
 
 def _report(table: ResultsTable, outroot: Path) -> int:
     summary = table.summary()
-    print(f"{summary['pairs']} pairs: {summary[OK]} registered, {summary[SKIPPED]} skipped (already done), "
+    print(f"Pairs: {summary['pairs']}, {summary[OK]} registered, {summary[SKIPPED]} skipped (already done), "
           f"{summary[FAILED]} failed.")
     for row in table.ordered():
         if row.status == FAILED:

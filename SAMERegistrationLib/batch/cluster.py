@@ -11,6 +11,7 @@ dies is a failed row, not a second crash.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import signal
@@ -134,12 +135,16 @@ def connect(address: str, timeout_s: float = 30.0):
     return client
 
 
-def dashboard_link(client) -> str | None:
-    """The Dask dashboard's address, or None when the scheduler serves none (no Bokeh)."""
-    try:
-        import bokeh  # noqa: F401 - the dashboard's pages need it on the scheduler
-    except ImportError:
-        services = {}
-    else:
-        services = client.scheduler_info().get("services", {})
-    return client.dashboard_link if "dashboard" in services else None
+def registration_slots(client: Client) -> int:
+    """How many registrations the cluster's workers can run at once (their :data:`RESOURCE` units)."""
+    return int(sum(worker.get("resources", {}).get(RESOURCE, 0) for worker in client.scheduler_info()["workers"].values()))
+
+
+def dashboard_link(client: Client, local: bool) -> str | None:
+    """The Dask dashboard's address, or None when there is none: the scheduler serves none, or it is
+    a ``local`` cluster's and Bokeh (which draws the dashboard's pages) is not installed."""
+    if "dashboard" not in client.scheduler_info().get("services", {}):
+        return None
+    if local and importlib.util.find_spec("bokeh") is None:
+        return None
+    return client.dashboard_link

@@ -26,7 +26,7 @@ FAILED = "failed"
 CSV_FILE = "results.csv"
 JSON_FILE = "results.json"
 CSV_COLUMNS = ("id", "status", "seconds", "peak_memory_mib", "percent_jacobian_nonpositive", "mean_dice",
-               "mean_dice_before", "message")
+               "mean_dice_before", "worker", "message")
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,7 @@ class PairResult:
         mean_dice, mean_dice_before: mean Dice over the labels of both maps after and before
             registration (None without both label maps).
         dice_per_label: Dice after registration per label value.
+        worker: address of the Dask worker that registered (or lost) the pair ("" when none did).
         message: the error of a failed pair, or the warnings of a registered one ("" when none).
     """
 
@@ -54,11 +55,12 @@ class PairResult:
     mean_dice: float | None = None
     mean_dice_before: float | None = None
     dice_per_label: dict[str, float] = field(default_factory=dict)
+    worker: str = ""
     message: str = ""
 
 
 def result_from_summary(pair_id: str, status: str, summary: dict, seconds: float | None = None,
-                        peak_memory_mib: float | None = None, message: str = "") -> PairResult:
+                        peak_memory_mib: float | None = None, worker: str = "", message: str = "") -> PairResult:
     """The row of a pair from its ``summary.json`` (``seconds`` defaults to its registration time)."""
     dice = summary.get("dice") or {}
     return PairResult(
@@ -67,7 +69,7 @@ def result_from_summary(pair_id: str, status: str, summary: dict, seconds: float
         peak_memory_mib=None if peak_memory_mib is None else round(peak_memory_mib, 1),
         percent_jacobian_nonpositive=summary["jacobian"]["percent_nonpositive"],
         mean_dice=_finite(dice.get("mean")), mean_dice_before=_finite(dice.get("mean_before_registration")),
-        dice_per_label=dict(dice.get("per_label", {})), message=message)
+        dice_per_label=dict(dice.get("per_label", {})), worker=worker, message=message)
 
 
 def _finite(value: float | None) -> float | None:

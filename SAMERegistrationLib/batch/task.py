@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from distributed import Event, get_client, get_worker
 
 from ..errors import InputError, RegistrationCancelled
 from ..pipeline.memory import PeakMemory
@@ -53,10 +54,9 @@ def register_pair(request: RegistrationRequest, pair_id: str, replace_existing: 
         the pair's row: :data:`OK` with its numbers, or :data:`FAILED` with the reason.
     """
     target = Path(request.output_dir)
+    worker = get_worker()
     if request.options.threads is None:
-        from distributed import get_worker
-
-        request = replace(request, options=replace(request.options, threads=get_worker().state.nthreads))
+        request = replace(request, options=replace(request.options, threads=worker.state.nthreads))
     started = time.perf_counter()
     staging = target.parent / f"{STAGING_PREFIX}{pair_id}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()   # the user's umask applies, as to a folder same-register creates
@@ -69,19 +69,22 @@ def register_pair(request: RegistrationRequest, pair_id: str, replace_existing: 
             summary = register_files(replace(request, output_dir=staging), cancel=cancel)
         _move_into_place(staging, target, replace_existing)
     except InputError as error:
-        return PairResult(pair_id, FAILED, message=str(error))
+        return PairResult(pair_id, FAILED, worker=worker.address, message=str(error))
     except RegistrationCancelled:
-        return PairResult(pair_id, FAILED, message="cancelled")
+        return PairResult(pair_id, FAILED, worker=worker.address, message="cancelled")
     except MemoryError:
-        return PairResult(pair_id, FAILED, message="out of memory: use a larger --spacing, or fewer --workers")
+        return PairResult(pair_id, FAILED, worker=worker.address,
+                          message="out of memory: use a larger --spacing, or fewer --workers")
     except Exception as error:  # noqa: BLE001 - any other failure of one pair is that pair's row
-        return PairResult(pair_id, FAILED, message=" ".join(f"{type(error).__name__}: {error}".split()))
+        return PairResult(pair_id, FAILED, worker=worker.address,
+                          message=" ".join(f"{type(error).__name__}: {error}".split()))
     finally:
         finished.set()
         shutil.rmtree(staging, ignore_errors=True)
     messages = dict.fromkeys(f"warning: {warning.message}" for warning in caught)
     return result_from_summary(pair_id, OK, summary, seconds=time.perf_counter() - started,
-                               peak_memory_mib=memory.host_peak_mib, message="; ".join(messages))
+                               peak_memory_mib=memory.host_peak_mib, worker=worker.address,
+                               message="; ".join(messages))
 
 
 def _move_into_place(staging: Path, target: Path, replace_existing: bool) -> None:
@@ -100,8 +103,6 @@ def _move_into_place(staging: Path, target: Path, replace_existing: bool) -> Non
 
 def _watch_cancel_event(name: str, cancel: threading.Event, finished: threading.Event) -> None:
     """Sets ``cancel`` once the cluster-wide event ``name`` is set (checked until ``finished``)."""
-    from distributed import Event, get_client
-
     event = Event(name, client=get_client())   # the worker's client is found on the task's thread only
 
     def watch() -> None:
