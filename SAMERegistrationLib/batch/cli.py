@@ -73,9 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         pairs = read_pairs(args.pairs)
-        if args.scheduler is not None and args.workers is not None:
-            raise InputError(f"--workers {args.workers}: sizes the local cluster only: with --scheduler, start "
-                             "as many workers on the cluster as you want")
+        _check_options(args, pairs[0])
         outroot = check_output_directory(args.output)
         table = ResultsTable(outroot, [pair.id for pair in pairs])
         jobs = _jobs(args, pairs, outroot, table)
@@ -86,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"{PROG}: cancelled before any pair was registered", file=sys.stderr)
+        return EXIT_CANCELLED
     try:
         _run(client, jobs, table, outroot, args.force, quiet=args.quiet)
     except KeyboardInterrupt:
@@ -99,6 +100,18 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CANCELLED
     _close(client, cluster)
     return _report(table, outroot)
+
+
+def _check_options(args: argparse.Namespace, pair: Pair) -> None:
+    """Raises InputError for a bad option, before anything is written."""
+    if args.workers is not None and args.workers < 1:
+        raise InputError(f"--workers {args.workers}: must be at least 1")
+    if args.threads_per_worker is not None and args.threads_per_worker < 1:
+        raise InputError(f"--threads-per-worker {args.threads_per_worker}: must be at least 1")
+    if args.scheduler is not None and args.workers is not None:
+        raise InputError(f"--workers {args.workers}: sizes the local cluster only: with --scheduler, start "
+                         "as many workers on the cluster as you want")
+    check_request(registration_request(args, pair.fixed, pair.moving, args.output, args.threads_per_worker))
 
 
 def _jobs(args: argparse.Namespace, pairs: list[Pair], outroot: Path, table: ResultsTable) -> list[Job]:
@@ -121,8 +134,6 @@ def _jobs(args: argparse.Namespace, pairs: list[Pair], outroot: Path, table: Res
                                        moving_labels=pair.moving_labels, fixed_labels=pair.fixed_labels,
                                        fixed_mask=pair.fixed_mask)
         jobs.append(Job(pair, request))
-    if jobs:
-        check_request(jobs[0].request)
     return jobs
 
 
@@ -130,7 +141,8 @@ def _cluster(args: argparse.Namespace, jobs: list[Job]):
     """``(cluster, client)``: the local cluster (None with ``--scheduler``) and a client of it."""
     if args.scheduler is not None:
         client = connect(args.scheduler)
-        _announce(f"Dask scheduler {args.scheduler}: {len(client.scheduler_info()['workers'])} workers", client, args.quiet, local=False)
+        workers = len(client.scheduler_info()["workers"])
+        _announce(f"Dask scheduler {args.scheduler}: {workers} workers", client, args.quiet, local=False)
         return None, client
     plan = plan_local_cluster(max(_pair_bytes(job.pair, args.spacing) for job in jobs), len(jobs),
                               args.workers, args.threads_per_worker)

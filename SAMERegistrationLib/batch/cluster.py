@@ -64,13 +64,8 @@ def plan_local_cluster(pair_bytes: int, pairs: int, workers: int | None = None, 
     among the workers.
 
     Raises:
-        InputError: ``workers`` or ``threads`` is below 1, or ``workers`` workers do not fit in the
-            memory available.
+        InputError: ``workers`` workers do not fit in the memory available.
     """
-    if workers is not None and workers < 1:
-        raise InputError(f"--workers {workers}: must be at least 1")
-    if threads is not None and threads < 1:
-        raise InputError(f"--threads-per-worker {threads}: must be at least 1")
     cores = cores or available_cores()
     available_bytes = available_bytes or psutil.virtual_memory().available
     per_worker = WORKER_BASELINE_BYTES + pair_bytes
