@@ -28,6 +28,7 @@ import torch
 
 from SAMERegistrationLib.batch.cluster import WORKER_BASELINE_BYTES, plan_local_cluster
 from SAMERegistrationLib.batch.pairs import read_pairs
+from SAMERegistrationLib.batch.task import staging_folder, staging_folders
 from SAMERegistrationLib.errors import InputError
 from SAMERegistrationLib.io import read_image, write_image
 from SAMERegistrationLib.learning.weights import MODELS, load_checked, save_weights
@@ -335,3 +336,12 @@ def test_scheduler_option_runs_on_a_separate_cluster_and_a_killed_worker_is_a_fa
         if worker is not None:
             _stop(worker)
         _stop(scheduler)
+
+
+def test_the_staging_folders_of_a_pair_are_not_those_of_a_longer_id(tmp_path):
+    mine, longer = staging_folder(tmp_path, "a"), staging_folder(tmp_path, "a-b")
+    mine.mkdir()
+    longer.mkdir()
+    (tmp_path / "a").mkdir()
+    assert staging_folders(tmp_path, "a") == [mine]
+    assert staging_folders(tmp_path, "a-b") == [longer]

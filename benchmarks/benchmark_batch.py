@@ -3,8 +3,8 @@ test; results go in the README).
 
 The cohort: the bundled torso CT resampled to 8 mm voxels as the fixed image (an atlas), and
 ``--pairs`` moving images made from it with known random affines and smooth deformations
-(:func:`make_synthetic_pair`, one seed per pair), with label maps (bone / soft tissue by threshold)
-on both sides. For every worker count the same command runs on a fresh output folder; the wall
+(:func:`make_synthetic_pair`, one seed per pair), with label maps on both sides (lungs, bone, other
+body: the evaluation harness's CT thresholds). For every worker count the same command runs on a fresh output folder; the wall
 time includes starting the local Dask cluster.
 
 Usage: python benchmarks/benchmark_batch.py [--pairs 8] [--workers 1 2] [--threads-per-worker 1]
@@ -27,12 +27,15 @@ import psutil
 import SimpleITK as sitk
 import torch
 
-from SAMERegistrationLib.image import Image
-from SAMERegistrationLib.io import write_image
-from SAMERegistrationLib.spatial.warp import resample_labels
-from SAMERegistrationLib.synthetic import make_synthetic_pair
-
 REPOSITORY = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPOSITORY))
+
+from benchmarks.evaluation.pairs import ct_threshold_labels  # noqa: E402  (after making the repository importable)
+from SAMERegistrationLib.image import Image  # noqa: E402
+from SAMERegistrationLib.io import write_image  # noqa: E402
+from SAMERegistrationLib.spatial.warp import resample_labels  # noqa: E402
+from SAMERegistrationLib.synthetic import make_synthetic_pair  # noqa: E402
+
 TORSO = REPOSITORY / "Resources" / "SampleData" / "patientA_torso_ct.nii.gz"
 
 
@@ -45,18 +48,10 @@ def torso_at(voxel_mm: float) -> Image:
     return Image.from_sitk(resampled)
 
 
-def tissue_labels(image: Image) -> Image:
-    """1 = bone (> 200 HU), 2 = other soft tissue (> -200 HU), 0 elsewhere."""
-    labels = torch.zeros(image.grid.shape, dtype=torch.int64)
-    labels[image.data > -200.0] = 2
-    labels[image.data > 200.0] = 1
-    return Image(labels, image.grid)
-
-
 def write_cohort(folder: Path, pairs: int, voxel_mm: float) -> Path:
     """Writes the atlas, ``pairs`` moving scans with labels and ``pairs.csv``; returns the CSV."""
     fixed = torso_at(voxel_mm)
-    labels = tissue_labels(fixed)
+    labels = ct_threshold_labels(fixed)
     write_image(fixed, folder / "atlas.nii.gz")
     write_image(labels, folder / "atlas_labels.nii.gz", sitk.sitkUInt8)
     rows = ["fixed,moving,fixed_labels,moving_labels"]

@@ -10,6 +10,7 @@ that process for the next pairs (see :mod:`SAMERegistrationLib.learning.weights`
 
 from __future__ import annotations
 
+import re
 import shutil
 import threading
 import time
@@ -31,10 +32,16 @@ _CANCEL_POLL_S = 0.5
 """How often a running pair checks the batch's cancel event."""
 
 
+def staging_folder(outroot: Path, pair_id: str) -> Path:
+    """A new name ``OUTROOT/.partial-<id>-<8 hex digits>`` for a folder of pair ``pair_id``."""
+    return Path(outroot) / f"{STAGING_PREFIX}{pair_id}-{uuid.uuid4().hex[:8]}"
+
+
 def staging_folders(outroot: Path, pair_id: str) -> list[Path]:
     """The staging folders of pair ``pair_id`` under ``outroot`` (left behind only by a worker that
-    died, or a batch that was killed)."""
-    return sorted(Path(outroot).glob(f"{STAGING_PREFIX}{pair_id}-*"))
+    died, or a batch that was killed); not those of a pair whose id merely starts with ``pair_id``."""
+    pattern = re.compile(re.escape(f"{STAGING_PREFIX}{pair_id}-") + "[0-9a-f]{8}")
+    return sorted(path for path in Path(outroot).glob(f"{STAGING_PREFIX}*") if pattern.fullmatch(path.name))
 
 
 def register_pair(request: RegistrationRequest, pair_id: str, replace_existing: bool,
@@ -58,7 +65,7 @@ def register_pair(request: RegistrationRequest, pair_id: str, replace_existing: 
     if request.options.threads is None:
         request = replace(request, options=replace(request.options, threads=worker.state.nthreads))
     started = time.perf_counter()
-    staging = target.parent / f"{STAGING_PREFIX}{pair_id}-{uuid.uuid4().hex[:8]}"
+    staging = staging_folder(target.parent, pair_id)
     staging.mkdir()   # the user's umask applies, as to a folder same-register creates
     cancel, finished = threading.Event(), threading.Event()
     if cancel_event is not None:
@@ -93,7 +100,7 @@ def _move_into_place(staging: Path, target: Path, replace_existing: bool) -> Non
         if not replace_existing:
             raise InputError(f"output folder {target}: appeared while the pair was registered: "
                              "run one batch per output folder at a time")
-        old = target.with_name(f"{STAGING_PREFIX}{target.name}-replaced-{uuid.uuid4().hex[:8]}")
+        old = staging_folder(target.parent, target.name)
         target.rename(old)
         staging.rename(target)
         shutil.rmtree(old, ignore_errors=True)
