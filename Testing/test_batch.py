@@ -278,11 +278,11 @@ def _wait_for(condition, timeout_s: float, what: str):
 
 
 def test_scheduler_option_runs_on_a_separate_cluster_and_a_killed_worker_is_a_failed_row(cohort, first_run, tmp_path):
-    """A ``dask scheduler`` (no retries) and one ``dask worker`` on 127.0.0.1. Pair ``a`` already has
-    a complete output set (copied from the first run) and is redone with ``--force``; pair ``b`` is
-    new. The worker process is killed as soon as the first pair starts: that pair is a failed row
-    (and, if it was ``a``, its earlier output set is still there), the nanny restarts the worker and
-    the other pair is registered."""
+    """A ``dask scheduler`` (no retries) and one ``dask worker`` on 127.0.0.1. Pair ``b`` is new;
+    pair ``a`` already has a complete output set (copied from the first run) and is redone with
+    ``--force``. The worker process is killed as soon as the first pair (usually ``b``, the first
+    row) starts: that pair is a failed row (if it was ``a``, its earlier output set is still there),
+    the nanny restarts the worker and the other pair is registered."""
     outroot = tmp_path / "out"
     outroot.mkdir()
     shutil.copytree(first_run[0] / "moving_a", outroot / "a")
@@ -290,8 +290,8 @@ def test_scheduler_option_runs_on_a_separate_cluster_and_a_killed_worker_is_a_fa
     images = cohort.folder / "images"
     (tmp_path / "pairs.csv").write_text(
         "fixed,moving,fixed_labels,moving_labels,id\n"
-        f"{images}/fixed.nii.gz,{images}/moving_a.nii.gz,{images}/fixed_labels.nii.gz,{images}/moving_a_labels.nii.gz,a\n"
-        f"{images}/fixed.nii.gz,{images}/moving_b.nii.gz,,,b\n")
+        f"{images}/fixed.nii.gz,{images}/moving_b.nii.gz,,,b\n"
+        f"{images}/fixed.nii.gz,{images}/moving_a.nii.gz,{images}/fixed_labels.nii.gz,{images}/moving_a_labels.nii.gz,a\n")
     dask = str(Path(sys.executable).with_name("dask"))
     scheduler_file = tmp_path / "scheduler.json"
     os.environ["DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES"] = "0"
@@ -345,3 +345,30 @@ def test_the_staging_folders_of_a_pair_are_not_those_of_a_longer_id(tmp_path):
     (tmp_path / "a").mkdir()
     assert staging_folders(tmp_path, "a") == [mine]
     assert staging_folders(tmp_path, "a-b") == [longer]
+
+
+def test_ctrl_c_stops_the_batch_and_leaves_no_partial_output(cohort, tmp_path):
+    """SIGINT to the whole process group, as Ctrl-C in a terminal sends it, once a pair has started."""
+    images = cohort.folder / "images"
+    (tmp_path / "pairs.csv").write_text(f"fixed,moving\n{images}/fixed.nii.gz,{images}/moving_a.nii.gz\n"
+                                        f"{images}/fixed.nii.gz,{images}/moving_b.nii.gz\n")
+    outroot = tmp_path / "out"
+    run = subprocess.Popen([sys.executable, "-m", "SAMERegistrationLib.batch.cli", str(tmp_path / "pairs.csv"),
+                            "-o", str(outroot), *OPTIONS, "--workers", "1", "--threads-per-worker", "1"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_environment(),
+                           start_new_session=True)
+    try:
+        _wait_for(lambda: list(outroot.glob(".partial-*")), 120, "the first pair to start")
+        workers = psutil.Process(run.pid).children(recursive=True)
+        os.killpg(run.pid, signal.SIGINT)
+        stdout, stderr = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+    assert run.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == (f"same-register-batch: cancelled: 0 of 2 pairs are in "
+                                               f"{outroot / 'results.csv'}; run the same command again to go on")
+    assert "Traceback" not in stderr
+    assert sorted(p.name for p in outroot.iterdir()) == ["results.csv", "results.json"]
+    _wait_for(lambda: not any(worker.is_running() for worker in workers), 30, "the workers to end")

@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         outroot = check_output_directory(args.output)
         table = ResultsTable(outroot, [pair.id for pair in pairs])
         jobs = _jobs(args, pairs, outroot, table)
+        table.write()   # the header (and the rows of skipped pairs) from the start
         if not jobs:
-            table.write()
             return _report(table, outroot)
         cluster, client = _cluster(args, jobs)
     except InputError as error:
