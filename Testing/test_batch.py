@@ -280,9 +280,10 @@ def _wait_for(condition, timeout_s: float, what: str):
 def test_scheduler_option_runs_on_a_separate_cluster_and_a_killed_worker_is_a_failed_row(cohort, first_run, tmp_path):
     """A ``dask scheduler`` (no retries) and one ``dask worker`` on 127.0.0.1. Pair ``b`` is new;
     pair ``a`` already has a complete output set (copied from the first run) and is redone with
-    ``--force``. The worker process is killed as soon as the first pair (usually ``b``, the first
-    row) starts: that pair is a failed row (if it was ``a``, its earlier output set is still there),
-    the nanny restarts the worker and the other pair is registered."""
+    ``--force``. The worker process is killed as soon as the first pair starts (``b``: with one
+    worker slot the batch hands the scheduler one pair at a time, in CSV order): that pair is a
+    failed row (were it ``a``, its earlier output set would still be there), the nanny restarts the
+    worker and the other pair is registered."""
     outroot = tmp_path / "out"
     outroot.mkdir()
     shutil.copytree(first_run[0] / "moving_a", outroot / "a")

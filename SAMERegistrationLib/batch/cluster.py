@@ -1,8 +1,9 @@
 """The Dask cluster a batch runs on: a local one sized to this machine, or an existing one.
 
 Each worker offers one unit of the resource :data:`RESOURCE` and every pair asks for one, so a
-worker runs one registration at a time (with ``--threads-per-worker`` threads) and a worker that
-dies takes exactly one pair with it. A local cluster's workers get :func:`worker_environment` (the
+worker runs one registration at a time (with ``--threads-per-worker`` threads); the batch hands the
+scheduler no more pairs than there are units (:func:`registration_slots`), so a worker that dies
+takes exactly one pair with it. A local cluster's workers get :func:`worker_environment` (the
 thread variables set before the process starts, as the evaluation harness does), a memory limit of
 :data:`WORKER_BASELINE_BYTES` plus the largest pair's estimate from the single-run memory pre-check
 (:func:`~SAMERegistrationLib.registration.estimated_memory`), and no retries: a pair whose worker
