@@ -31,11 +31,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("fixed", help="fixed image: NIfTI, NRRD, MHA or a DICOM series folder")
     parser.add_argument("moving", help="moving image: NIfTI, NRRD, MHA or a DICOM series folder")
     parser.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created if needed)")
-    parser.add_argument("--mode", default=DEFAULT_MODE, choices=MODE_NAMES, help=f"registration mode (default {DEFAULT_MODE})")
     parser.add_argument("--moving-labels", metavar="FILE", help="label map on the moving image's grid, warped to the fixed grid")
     parser.add_argument("--fixed-labels", metavar="FILE", help="label map on the fixed grid; with --moving-labels gives Dice per label")
     parser.add_argument("--fixed-mask", metavar="FILE", help="binary mask on the fixed grid restricting the similarity (default: body mask)")
     parser.add_argument("--initial-transform", metavar="FILE", help="ITK transform file (fixed -> moving) to start from; skips the initial alignment")
+    add_registration_options(parser)
+    parser.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: PyTorch's choice)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def add_registration_options(parser: argparse.ArgumentParser) -> None:
+    """Adds the options that choose how an image pair is registered (not which files): the mode, its
+    weights and refinement, the device, the working spacing and the outputs. ``same-register-batch``
+    applies them to every pair; :func:`registration_request` reads them back."""
+    parser.add_argument("--mode", default=DEFAULT_MODE, choices=MODE_NAMES, help=f"registration mode (default {DEFAULT_MODE})")
     parser.add_argument("--sam-weights", metavar="FILE", help="SAM weights for the SAM modes (default: the shipped ones; "
                                                               "FILE.sha256 must hold its SHA-256)")
     parser.add_argument("--vm-weights", metavar="FILE", help="SAM-VoxelMorph weights for --mode same (default: the shipped "
@@ -53,23 +63,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     parser.add_argument("--spacing", type=float, default=RegistrationOptions.spacing, metavar="MM",
                         help=f"finest working voxel size in mm (default {RegistrationOptions.spacing:g})")
-    parser.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: PyTorch's choice)")
     parser.add_argument("--label-interpolation", choices=("nearest", "onehot"), default="nearest",
                         help="nearest (standard, default) or onehot (smoother boundaries, slower)")
     parser.add_argument("--no-overview", action="store_true", help="do not render overview.png")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    return parser
+
+
+def registration_request(args: argparse.Namespace, fixed: str | Path, moving: str | Path, output_dir: str | Path,
+                         threads: int | None, moving_labels: str | Path | None = None,
+                         fixed_labels: str | Path | None = None, fixed_mask: str | Path | None = None,
+                         initial_transform: str | Path | None = None) -> RegistrationRequest:
+    """The request of one pair: its files and thread count, and the options of
+    :func:`add_registration_options` as parsed into ``args``."""
+    return RegistrationRequest(
+        fixed=fixed, moving=moving, output_dir=output_dir, mode=args.mode,
+        moving_labels=moving_labels, fixed_labels=fixed_labels, fixed_mask=fixed_mask,
+        initial_transform=initial_transform, sam_weights=args.sam_weights, vm_weights=args.vm_weights,
+        tvf_weights=args.tvf_weights, sam_coarse=not args.no_sam_coarse, refine_iterations=args.refine_iterations,
+        similarity=args.similarity, device=args.device, label_method=args.label_interpolation,
+        overview=not args.no_overview, options=RegistrationOptions(spacing=args.spacing, threads=threads))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    request = RegistrationRequest(
-        fixed=args.fixed, moving=args.moving, output_dir=args.output, mode=args.mode,
-        moving_labels=args.moving_labels, fixed_labels=args.fixed_labels, fixed_mask=args.fixed_mask,
-        initial_transform=args.initial_transform, sam_weights=args.sam_weights, vm_weights=args.vm_weights,
-        tvf_weights=args.tvf_weights,
-        sam_coarse=not args.no_sam_coarse, refine_iterations=args.refine_iterations, similarity=args.similarity,
-        device=args.device, label_method=args.label_interpolation, overview=not args.no_overview, options=RegistrationOptions(spacing=args.spacing, threads=args.threads))
+    request = registration_request(args, args.fixed, args.moving, args.output, args.threads,
+                                   moving_labels=args.moving_labels, fixed_labels=args.fixed_labels,
+                                   fixed_mask=args.fixed_mask, initial_transform=args.initial_transform)
     bars = None if args.quiet else _ProgressBars()
     with warnings.catch_warnings(), terminate_like_ctrl_c():
         warnings.simplefilter("always")

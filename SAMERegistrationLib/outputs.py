@@ -190,3 +190,14 @@ def _overview_title(summary: dict) -> str:
     if dice:
         parts.append(f"mean Dice {dice['mean_before_registration']:.3f} -> {dice['mean']:.3f} ({dice['labels_compared']} labels)")
     return "   |   ".join(parts)
+
+
+def read_complete_output(outdir: Path) -> dict | None:
+    """The summary of the complete output set in ``outdir``, or None when there is none: no
+    readable ``summary.json``, or a file its ``files`` entry lists is missing."""
+    try:
+        summary = json.loads((Path(outdir) / SUMMARY_FILE).read_text())
+        names = list(summary["files"].values())
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        return None
+    return summary if all((Path(outdir) / name).is_file() for name in names) else None

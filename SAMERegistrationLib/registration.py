@@ -84,8 +84,7 @@ def register_files(request: RegistrationRequest, on_progress: ProgressCallback |
         RegistrationFailed: the result holds non-finite values (no output file is written).
     """
     started = time.perf_counter()
-    _check_options(request.options)
-    _check_request(request)
+    check_request(request)
     device = resolve_device(request.device)
     headers = {role: read_header(path, role) for role, path in _image_inputs(request).items()}
     check_memory(headers["fixed image"].grid, headers["moving image"].grid, request.options.spacing, device,
@@ -229,21 +228,30 @@ def _check_finite(what: str, affine, *maps: torch.Tensor) -> None:
                                  "was written: check the options (e.g. --similarity weights) or try another mode")
 
 
+def estimated_memory(fixed: Grid, moving: Grid, spacing: float, input_bytes: int = 0, inverse: bool = False
+                     ) -> tuple[int, int]:
+    """Deliberately generous bounds, in bytes, of one registration's memory: ``(working, outputs)``,
+    the stages on the working grids at ``spacing`` mm (on the registration's device) and the rest
+    (host memory): the outputs on the fixed grid, the full-resolution moving image (and, with
+    ``inverse``, the inverse's maps on its grid) and ``input_bytes`` for reading the inputs."""
+    working_voxels = fixed.with_spacing(spacing).num_voxels + moving.with_spacing(spacing).num_voxels
+    output_bytes = (fixed.num_voxels * _BYTES_PER_FIXED_VOXEL + input_bytes
+                    + moving.num_voxels * (_BYTES_PER_MOVING_VOXEL + (_BYTES_PER_INVERSE_VOXEL if inverse else 0)))
+    return working_voxels * _BYTES_PER_WORKING_VOXEL, output_bytes
+
+
 def check_memory(fixed: Grid, moving: Grid, spacing: float, device: torch.device, input_bytes: int = 0,
                  inverse: bool = False) -> None:
     """Raises InputError when the run would need more memory than is available.
 
-    The estimate covers the working grids at ``spacing`` (deformable optimisation), the outputs on
+    The estimate (:func:`estimated_memory`) covers the working grids at ``spacing`` (deformable optimisation), the outputs on
     the fixed grid, the full-resolution moving image (and, with ``inverse``, the inverse's maps on
     its grid) and ``input_bytes`` for reading the inputs; it is deliberately generous. It needs only
     the grids' sizes, so it runs on the files' headers before any voxel is read; the memory
     available takes ``ulimit -v`` and cgroup limits into account
     (:func:`~.pipeline.memory.available_host_memory`).
     """
-    working_voxels = fixed.with_spacing(spacing).num_voxels + moving.with_spacing(spacing).num_voxels
-    output_bytes = (fixed.num_voxels * _BYTES_PER_FIXED_VOXEL + input_bytes
-                    + moving.num_voxels * (_BYTES_PER_MOVING_VOXEL + (_BYTES_PER_INVERSE_VOXEL if inverse else 0)))
-    working_bytes = working_voxels * _BYTES_PER_WORKING_VOXEL
+    working_bytes, output_bytes = estimated_memory(fixed, moving, spacing, input_bytes, inverse)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         if working_bytes > free:
@@ -259,6 +267,12 @@ def check_memory(fixed: Grid, moving: Grid, spacing: float, device: torch.device
                          "downsample the images")
 
 
+def check_request(request: RegistrationRequest) -> None:
+    """Raises InputError for a bad option of ``request`` (before any file is read)."""
+    _check_options(request.options)
+    _check_learned_stage_options(request)
+
+
 def _check_options(options: RegistrationOptions) -> None:
     if not 0.25 <= options.spacing <= 16.0:
         raise InputError(f"--spacing {options.spacing:g}: the working spacing must be between 0.25 and 16 mm")
@@ -266,7 +280,7 @@ def _check_options(options: RegistrationOptions) -> None:
         raise InputError(f"--threads {options.threads}: must be at least 1")
 
 
-def _check_request(request: RegistrationRequest) -> None:
+def _check_learned_stage_options(request: RegistrationRequest) -> None:
     """Checks the learned stages' choices before any work (the CLI, Slicer and scripts alike)."""
     if request.refine_iterations is not None and request.refine_iterations < 0:
         raise InputError(f"--refine-iterations {request.refine_iterations}: must be 0 or more")

@@ -4,6 +4,10 @@ A weights file is a ``torch.save`` dictionary ``{"config": {...}, "state_dict": 
 holding only tensors and plain values, so it loads with ``weights_only=True`` (no code runs on
 load). ``<file>.sha256`` next to it holds its digest; loading refuses a file whose digest differs,
 so a damaged download or a swapped file is reported instead of silently giving wrong results.
+
+A process keeps every checkpoint it has read, by file and digest: a process that runs many
+registrations (a ``same-register-batch`` worker) reads each weights file once, while the digest is
+still checked on every load, so a file replaced in between is read again.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from ..errors import InputError
 
 MODELS = Path(__file__).resolve().parents[2] / "Resources" / "Models"
 """Folder of the weights shipped with the product (each with a ``.sha256`` and a model card)."""
+_CHECKPOINTS: dict[tuple[str, str], dict] = {}
+"""Checkpoints read by this process, by (resolved path, SHA-256); see :func:`load_checked`."""
 
 
 def sha256_file(path: Path) -> str:
@@ -41,6 +47,9 @@ def save_weights(path: Path, model: nn.Module, config: dict, **extra) -> str:
 
 def load_checked(path: Path | str, what: str, option: str) -> dict:
     """The checkpoint dictionary of ``path`` after its SHA-256 check.
+
+    The file is read once per process and digest: later calls return the same dictionary (callers
+    must not modify it; :func:`build_checked` copies the weights into a new network).
 
     Args:
         path: the weights file.
@@ -67,6 +76,9 @@ def load_checked(path: Path | str, what: str, option: str) -> dict:
     if actual != expected:
         raise InputError(f"{what} {path}: SHA-256 {actual[:12]}... does not match {checksum_file.name} "
                          f"({expected[:12]}...): the file is damaged or was replaced; reinstall or re-download it")
+    key = (str(path.resolve()), actual)
+    if key in _CHECKPOINTS:
+        return _CHECKPOINTS[key]
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols of files it then refuses
             warnings.simplefilter("ignore")
@@ -80,6 +92,7 @@ def load_checked(path: Path | str, what: str, option: str) -> dict:
             or not isinstance(checkpoint.get("state_dict"), dict)):
         raise InputError(f"{what} {path}: not a weights file of this project (no config and state_dict "
                          f"dictionaries): give {option} a file written by this project's training")
+    _CHECKPOINTS[key] = checkpoint
     return checkpoint
 
 
