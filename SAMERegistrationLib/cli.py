@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 import threading
 import warnings
 from pathlib import Path
 
+from .command_line import EXIT_BAD_INPUT, EXIT_CANCELLED, CommandLineParser, print_warnings_as_lines
 from .errors import InputError, RegistrationCancelled
 from .learning.objective import similarity_names
 from .modes import DEFAULT_MODE, MODE_NAMES
@@ -15,12 +15,9 @@ from .pipeline.problem import RegistrationOptions
 from .pipeline.progress import ProgressEvent
 from .registration import RegistrationRequest, register_files
 
-EXIT_BAD_INPUT = 2
-EXIT_CANCELLED = 130
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> CommandLineParser:
+    parser = CommandLineParser(
         prog="same-register",
         description="Register a MOVING 3-D image (CT first) to a FIXED one. Writes transform.h5 (fixed -> moving, "
                     "ITK/Slicer readable), affine.tfm, displacement.nii.gz, warped.nii.gz, jacobian.nii.gz, "
@@ -32,7 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", default=DEFAULT_MODE, choices=MODE_NAMES, help=f"registration mode (default {DEFAULT_MODE})")
     parser.add_argument("--moving-labels", metavar="FILE", help="label map on the moving image's grid, warped to the fixed grid")
     parser.add_argument("--fixed-labels", metavar="FILE", help="label map on the fixed grid; with --moving-labels gives Dice per label")
+    parser.add_argument("--label-names", metavar="FILE",
+                        help='JSON object naming the label values, {"1": "spleen", ...}, for summary.json and '
+                             "overview.png (default: label_names.json beside the label maps, when there is one)")
     parser.add_argument("--fixed-mask", metavar="FILE", help="binary mask on the fixed grid restricting the similarity (default: body mask)")
+    parser.add_argument("--moving-mask", metavar="FILE",
+                        help="binary mask on the moving grid: moving voxels outside it take no part in the similarity")
     parser.add_argument("--initial-transform", metavar="FILE", help="ITK transform file (fixed -> moving) to start from; skips the initial alignment")
     parser.add_argument("--sam-weights", metavar="FILE", help="SAM weights for the SAM modes (default: the shipped ones; "
                                                               "FILE.sha256 must hold its SHA-256)")
@@ -63,15 +65,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     request = RegistrationRequest(
         fixed=args.fixed, moving=args.moving, output_dir=args.output, mode=args.mode,
-        moving_labels=args.moving_labels, fixed_labels=args.fixed_labels, fixed_mask=args.fixed_mask,
-        initial_transform=args.initial_transform, sam_weights=args.sam_weights, vm_weights=args.vm_weights,
+        moving_labels=args.moving_labels, fixed_labels=args.fixed_labels,
+        label_names=args.label_names, fixed_mask=args.fixed_mask,
+        moving_mask=args.moving_mask, initial_transform=args.initial_transform, sam_weights=args.sam_weights, vm_weights=args.vm_weights,
         tvf_weights=args.tvf_weights,
         sam_coarse=not args.no_sam_coarse, refine_iterations=args.refine_iterations, similarity=args.similarity,
         device=args.device, label_method=args.label_interpolation, overview=not args.no_overview, options=RegistrationOptions(spacing=args.spacing, threads=args.threads))
     bars = None if args.quiet else _ProgressBars()
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        warnings.showwarning = _show_warning
+        warnings.showwarning = print_warnings_as_lines("same-register")
         try:
             summary = register_files(request, on_progress=bars, cancel=threading.Event())
         except InputError as error:
@@ -85,10 +88,6 @@ def main(argv: list[str] | None = None) -> int:
                 bars.close()
     _print_summary(summary, Path(args.output))
     return 0
-
-
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"same-register: warning: {message}", file=sys.stderr)
 
 
 def _print_summary(summary: dict, outdir: Path) -> None:
