@@ -16,13 +16,17 @@ Outputs in MRML (see :class:`NodeRegistration`):
   image's working grid, RAS): it saves as a standard ITK displacement field;
 * the affine part alone as a linear transform node (FromParent);
 * the warped moving volume and the Jacobian determinant map on the fixed volume's grid, the
-  Jacobian with a blue-white-red colour table centred on 1;
+  Jacobian with a blue-white-red colour table centred on 1, folded voxels (J <= 0) in yellow, and
+  NaN outside the fixed body (shown transparent over the fixed volume);
+* every transform node references its fixed and moving volumes (Slicer's spatial-registration
+  node reference roles);
 * the warped segmentation: every segment of the moving segmentation with its name, colour and
   terminology, on the fixed volume's geometry.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -34,21 +38,29 @@ from pathlib import Path
 
 import numpy as np
 
+from .io import LABEL_NAMES_FILE
 from .spatial.grid import LPS_TO_RAS, Grid
 
 JACOBIAN_COLOR_NODE_NAME = "SAMERegistration Jacobian"
 """Name of the procedural colour node shared by every Jacobian map of a scene."""
+JACOBIAN_FOLDED_RGB = (1.0, 0.85, 0.0)
+"""Colour of folded voxels (J <= 0): yellow, far from every colour of positive J."""
 JACOBIAN_COLOR_POINTS = (
-    (0.0, (0.02, 0.19, 0.38)),
+    (0.0, JACOBIAN_FOLDED_RGB),
+    (0.001, (0.02, 0.19, 0.38)),
     (0.5, (0.26, 0.58, 0.76)),
     (1.0, (0.97, 0.97, 0.97)),
     (1.5, (0.84, 0.38, 0.30)),
     (2.0, (0.40, 0.00, 0.05)),
 )
 """Diverging colour map of the Jacobian determinant: (J, RGB). J = 1 (volume kept) is white,
-compression blue, expansion red; values below 0 (folding) take the darkest blue."""
+compression blue (darkest just above 0), expansion red; J <= 0 (folding) has its own colour."""
 JACOBIAN_WINDOW = (2.0, 1.0)
 """(window, level) of the Jacobian display: J in [0, 2] spans the colour map, 1 at its centre."""
+JACOBIAN_OPACITY = 0.6
+"""Opacity of the Jacobian map shown over the fixed volume."""
+BODY_THRESHOLD_HU = -500.0
+"""Fixed-volume voxels above this are the body (CT): the Jacobian map is shown there only."""
 
 
 # --------------------------------------------------------------------------------------- geometry
@@ -354,13 +366,38 @@ def jacobian_color_node(scene):
 
 
 def show_jacobian(node) -> None:
-    """Displays a Jacobian map with the diverging colour table, J = 1 at its centre."""
+    """Displays a Jacobian map with the diverging colour table, J = 1 at its centre, folded voxels
+    in their own colour; voxels without a value (NaN: outside the body) are transparent, so the
+    map shows over the fixed volume in the body only."""
     if node.GetDisplayNode() is None:
         node.CreateDefaultDisplayNodes()
     display = node.GetDisplayNode()
     display.SetAndObserveColorNodeID(jacobian_color_node(node.GetScene()).GetID())
     display.AutoWindowLevelOff()
     display.SetWindowLevel(*JACOBIAN_WINDOW)
+    display.SetApplyThreshold(True)  # NaN is outside every threshold range: drawn transparent
+    display.SetThreshold(-1e30, 1e30)
+
+
+def jacobian_in_body(jacobian, fixed):
+    """The Jacobian map (library Image on the fixed grid) with NaN outside the fixed image's body
+    mask (:func:`~SAMERegistrationLib.preprocess.body_mask`, as for summary.json's statistics)."""
+    import torch
+
+    from .image import Image
+    from .preprocess import body_mask, looks_like_ct
+
+    body = body_mask(fixed, looks_like_ct(fixed)).data.bool()
+    return Image(torch.where(body, jacobian.data.float(), torch.tensor(float("nan"))), jacobian.grid)
+
+
+def set_registration_references(transform, fixed, moving) -> None:
+    """Records on a transform node which volumes it registers (Slicer's spatial-registration node
+    references, as SlicerElastix and the Transforms module use them)."""
+    import slicer
+
+    transform.SetNodeReferenceID(slicer.vtkMRMLTransformNode.GetFixedNodeReferenceRole(), fixed.GetID())
+    transform.SetNodeReferenceID(slicer.vtkMRMLTransformNode.GetMovingNodeReferenceRole(), moving.GetID())
 
 
 def copy_volume_display(source, target) -> None:
@@ -376,18 +413,20 @@ def copy_volume_display(source, target) -> None:
 
 
 def show_results(scene, fixed, warped=None, transform=None, overlay: bool = True, grid: bool = True,
-                 grid_spacing_mm: float = 15.0, opacity: float = 0.5) -> None:
+                 grid_spacing_mm: float = 15.0, opacity: float = 0.5, jacobian=None) -> None:
     """What a user sees after a registration: the fixed volume in the background of every slice
-    view with the warped volume over it at ``opacity``, and the transform's deformed grid (spacing
-    ``grid_spacing_mm``, over the fixed volume) in the slice views. Either part is optional."""
+    view with the warped volume over it at ``opacity`` (or, with ``jacobian``, the Jacobian map
+    over it at :data:`JACOBIAN_OPACITY`, in the body only), and the transform's deformed grid
+    (spacing ``grid_spacing_mm``, over the fixed volume) in the slice views. Every part is optional."""
     import slicer
 
     if overlay:
+        foreground, alpha = (jacobian, JACOBIAN_OPACITY) if jacobian is not None else (warped, opacity)
         for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
             composite = scene.GetNthNodeByClass(index, "vtkMRMLSliceCompositeNode")
             composite.SetBackgroundVolumeID(fixed.GetID())
-            composite.SetForegroundVolumeID(warped.GetID() if warped is not None else None)
-            composite.SetForegroundOpacity(opacity if warped is not None else 0.0)
+            composite.SetForegroundVolumeID(foreground.GetID() if foreground is not None else None)
+            composite.SetForegroundOpacity(alpha if foreground is not None else 0.0)
     if transform is not None:
         if transform.GetDisplayNode() is None:
             transform.CreateDefaultDisplayNodes()
@@ -410,6 +449,8 @@ class RegistrationInputs:
         fixed_segmentation: optional; segments named like the moving ones are compared (Dice).
         moving_segmentation: optional; warped onto the fixed volume.
         fixed_mask: optional segmentation node; the union of its segments limits the similarity.
+        moving_mask: optional segmentation node on the moving volume; moving voxels outside the
+            union of its segments take no part in the similarity.
         initial_transform: optional transform node mapping fixed to moving (FromParent), e.g. the
             transform a user put the moving volume under to align it by hand.
     """
@@ -419,6 +460,7 @@ class RegistrationInputs:
     fixed_segmentation: object = None
     moving_segmentation: object = None
     fixed_mask: object = None
+    moving_mask: object = None
     initial_transform: object = None
 
 
@@ -490,9 +532,10 @@ def write_inputs(inputs: RegistrationInputs, folder: str | os.PathLike) -> Prepa
         prepared.notes.append(f"moving volume is under {parent.GetName()!r}: used as the initial transform")
     if initial is not None and initial.GetParentTransformNode() is not None:
         raise ValueError(f"initial transform {initial.GetName()!r} is under another transform: harden it first")
-    if inputs.moving_segmentation is not None and inputs.moving_segmentation.GetParentTransformNode() is not parent:
-        raise ValueError(f"moving segmentation {inputs.moving_segmentation.GetName()!r} must be under the same "
-                         "transform as the moving volume (or both under none)")
+    for node, role in ((inputs.moving_segmentation, "moving segmentation"), (inputs.moving_mask, "moving mask")):
+        if node is not None and node.GetParentTransformNode() is not parent:
+            raise ValueError(f"{role} {node.GetName()!r} must be under the same transform as the moving volume "
+                             "(or both under none)")
 
     def write(image, name: str, pixel=None) -> str:
         path = folder / name
@@ -505,16 +548,19 @@ def write_inputs(inputs: RegistrationInputs, folder: str | os.PathLike) -> Prepa
         labels, table = segmentation_to_labels(inputs.moving_segmentation, inputs.moving)
         prepared.segment_table = table
         prepared.files["moving_labels"] = write(labels, "moving_labels.nrrd", sitk.sitkUInt16)
+        # the segment names name the labels of summary.json (read by the backend from beside the labels)
+        (folder / LABEL_NAMES_FILE).write_text(json.dumps({str(entry.value): entry.name for entry in table}))
         if inputs.fixed_segmentation is not None:
             fixed_labels, _ = segmentation_to_labels(inputs.fixed_segmentation, inputs.fixed,
                                                      values={entry.name: entry.value for entry in table})
             prepared.files["fixed_labels"] = write(fixed_labels, "fixed_labels.nrrd", sitk.sitkUInt16)
-    if inputs.fixed_mask is not None:
-        from .image import Image
+    for node, volume, role in ((inputs.fixed_mask, inputs.fixed, "fixed_mask"),
+                               (inputs.moving_mask, inputs.moving, "moving_mask")):
+        if node is not None:
+            from .image import Image
 
-        mask, _ = segmentation_to_labels(inputs.fixed_mask, inputs.fixed)
-        mask = Image((mask.data > 0).long(), mask.grid)
-        prepared.files["fixed_mask"] = write(mask, "fixed_mask.nrrd", sitk.sitkUInt8)
+            mask, _ = segmentation_to_labels(node, volume)
+            prepared.files[role] = write(Image((mask.data > 0).long(), mask.grid), f"{role}.nrrd", sitk.sitkUInt8)
     if initial is not None:
         path = folder / "initial_transform.h5"
         write_transform_node(initial, path)
@@ -574,19 +620,22 @@ def load_outputs(outdir: str | os.PathLike, summary: dict, inputs: RegistrationI
     if result.transform is None:
         result.transform = _new_node(scene, "vtkMRMLGridTransformNode", f"{moving_name} registration")
     set_grid_transform(result.transform, whole_field, field_grid)
+    set_registration_references(result.transform, inputs.fixed, inputs.moving)
     if result.affine is not None and affine is not None:
         set_linear_transform(result.affine, affine)
+        set_registration_references(result.affine, inputs.fixed, inputs.moving)
     if inverse_field is not None:
         if result.inverse is None:
             result.inverse = _new_node(scene, "vtkMRMLGridTransformNode", f"{moving_name} registration inverse")
         set_grid_transform(result.inverse, inverse_field, inverse_grid)
+        set_registration_references(result.inverse, inputs.moving, inputs.fixed)  # resamples fixed onto moving
     if result.warped is None:
         result.warped = _new_node(scene, "vtkMRMLScalarVolumeNode", f"{moving_name} registered")
     image_to_volume(warped, result.warped)
     copy_volume_display(inputs.moving, result.warped)
     if result.jacobian is None:
         result.jacobian = _new_node(scene, "vtkMRMLScalarVolumeNode", f"{moving_name} Jacobian")
-    image_to_volume(jacobian, result.jacobian)
+    image_to_volume(jacobian_in_body(jacobian, volume_to_image(inputs.fixed)), result.jacobian)
     show_jacobian(result.jacobian)
     if labels is not None:
         if result.warped_segmentation is None:
