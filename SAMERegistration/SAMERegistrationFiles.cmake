@@ -42,6 +42,7 @@ set(SAMERegistrationLib_PYTHON_SCRIPTS
   SAMERegistrationLib/pipeline/runner.py
   SAMERegistrationLib/pipeline/stage.py
   SAMERegistrationLib/preprocess.py
+  SAMERegistrationLib/probe.py
   SAMERegistrationLib/registration.py
   SAMERegistrationLib/sam/__init__.py
   SAMERegistrationLib/sam/embedding.py
