@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from .io import LABEL_NAMES_FILE
+from .worker import EXTRA_LABEL_LAYERS, warped_layer_file
 from .spatial.grid import LPS_TO_RAS, Grid
 
 JACOBIAN_COLOR_NODE_NAME = "SAMERegistration Jacobian"
@@ -226,17 +227,48 @@ def _temporary_nodes(scene):
 
 @dataclass(frozen=True)
 class SegmentLabel:
-    """One segment written into a label map: its label value and what to restore afterwards."""
+    """One segment written into a label map: its label value, its layer (which of the label maps
+    holds it, see :func:`segmentation_to_label_layers`) and what to restore afterwards."""
 
     value: int
     segment_id: str
     name: str
     color: tuple[float, float, float]
+    layer: int = 0
+
+
+def _segment_masks(segmentation_node, reference_volume, segment_ids: list[str] | None):
+    """Yields ``(segment_id, segment, mask)`` for each segment (default all, in order): ``mask`` a
+    boolean ``[k, j, i]`` array on the reference volume's grid."""
+    import slicer
+    import vtk
+
+    segmentation = segmentation_node.GetSegmentation()
+    ids = list(segment_ids) if segment_ids is not None else [segmentation.GetNthSegmentID(i)
+                                                             for i in range(segmentation.GetNumberOfSegments())]
+    shape = volume_grid(reference_volume).shape
+    scene = segmentation_node.GetScene()
+    with _temporary_nodes(scene):
+        temporary = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__SAMERegistration_temp__")
+        for segment_id in ids:
+            segment = segmentation.GetSegment(segment_id)
+            if segment is None:
+                raise ValueError(f"segmentation_to_labels(): {segmentation_node.GetName()!r} has no segment {segment_id!r}")
+            single = vtk.vtkStringArray()
+            single.InsertNextValue(segment_id)
+            if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+                    segmentation_node, single, temporary, reference_volume):
+                raise RuntimeError(f"segmentation_to_labels(): segment {segment.GetName()!r} cannot be exported")
+            mask = slicer.util.arrayFromVolume(temporary) > 0
+            if mask.shape != shape:
+                raise RuntimeError(f"segmentation_to_labels(): segment {segment.GetName()!r} exported with shape "
+                                   f"{mask.shape}, expected {shape}")
+            yield segment_id, segment, mask
 
 
 def segmentation_to_labels(segmentation_node, reference_volume, segment_ids: list[str] | None = None,
                            values: dict[str, int] | None = None):
-    """Segments of a segmentation node as a label map on a reference volume's grid.
+    """Segments of a segmentation node as one label map on a reference volume's grid.
 
     Args:
         segmentation_node: the segmentation (not modified).
@@ -248,59 +280,69 @@ def segmentation_to_labels(segmentation_node, reference_volume, segment_ids: lis
     Returns:
         ``(labels, table)``: an int64 library :class:`Image` on the reference grid and the
         :class:`SegmentLabel` of each segment. Where segments overlap, the later one wins (a
-        warning says how many voxels).
+        warning says how many voxels); :func:`segmentation_to_label_layers` keeps every segment whole.
     """
-    import slicer
     import torch
-    import vtk
 
     from .image import Image
 
-    segmentation = segmentation_node.GetSegmentation()
-    ids = list(segment_ids) if segment_ids is not None else [segmentation.GetNthSegmentID(i)
-                                                             for i in range(segmentation.GetNumberOfSegments())]
     grid = volume_grid(reference_volume)
     labels = np.zeros(grid.shape, dtype=np.int64)
     table: list[SegmentLabel] = []
     next_value = max(values.values(), default=0) + 1 if values else 1
-    scene = segmentation_node.GetScene()
     overlap = 0
-    with _temporary_nodes(scene):
-        temporary = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__SAMERegistration_temp__")
-        for segment_id in ids:
-            segment = segmentation.GetSegment(segment_id)
-            if segment is None:
-                raise ValueError(f"segmentation_to_labels(): {segmentation_node.GetName()!r} has no segment {segment_id!r}")
-            name = segment.GetName()
-            if values and name in values:
-                value = values[name]
-            else:
-                value, next_value = next_value, next_value + 1
-            single = vtk.vtkStringArray()
-            single.InsertNextValue(segment_id)
-            if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
-                    segmentation_node, single, temporary, reference_volume):
-                raise RuntimeError(f"segmentation_to_labels(): segment {name!r} cannot be exported")
-            mask = slicer.util.arrayFromVolume(temporary) > 0
-            if mask.shape != labels.shape:
-                raise RuntimeError(f"segmentation_to_labels(): segment {name!r} exported with shape {mask.shape}, "
-                                   f"expected {labels.shape}")
-            overlap += int((mask & (labels > 0)).sum())
-            labels[mask] = value
-            table.append(SegmentLabel(value, segment_id, name, tuple(segment.GetColor())))
+    for segment_id, segment, mask in _segment_masks(segmentation_node, reference_volume, segment_ids):
+        name = segment.GetName()
+        if values and name in values:
+            value = values[name]
+        else:
+            value, next_value = next_value, next_value + 1
+        overlap += int((mask & (labels > 0)).sum())
+        labels[mask] = value
+        table.append(SegmentLabel(value, segment_id, name, tuple(segment.GetColor())))
     if overlap:
         warnings.warn(f"segmentation {segmentation_node.GetName()!r}: segments overlap in {overlap} voxels; "
                       "each such voxel is kept in the last segment only", stacklevel=2)
     return Image(torch.from_numpy(labels), grid), table
 
 
-def labels_to_segmentation(labels, table: list[SegmentLabel], segmentation_node, reference_volume,
+def segmentation_to_label_layers(segmentation_node, reference_volume):
+    """Every segment as label values in as few label maps ("layers") as keep them whole: a segment
+    goes into the first layer it does not overlap, so overlapping segments land in different layers.
+
+    Returns:
+        ``(layers, table)``: int64 library :class:`Image` objects on the reference grid (values
+        1, 2, ... unique over all layers) and the :class:`SegmentLabel` of each segment, in order,
+        with its ``layer``.
+    """
+    import torch
+
+    from .image import Image
+
+    grid = volume_grid(reference_volume)
+    layers: list[np.ndarray] = []
+    table: list[SegmentLabel] = []
+    for value, (segment_id, segment, mask) in enumerate(_segment_masks(segmentation_node, reference_volume, None),
+                                                         start=1):
+        layer = next((index for index, existing in enumerate(layers) if not (mask & (existing > 0)).any()), None)
+        if layer is None:
+            layers.append(np.zeros(grid.shape, dtype=np.int64))
+            layer = len(layers) - 1
+        layers[layer][mask] = value
+        table.append(SegmentLabel(value, segment_id, segment.GetName(), tuple(segment.GetColor()), layer))
+    if not layers:
+        layers.append(np.zeros(grid.shape, dtype=np.int64))
+    return [Image(torch.from_numpy(layer), grid) for layer in layers], table
+
+
+def labels_to_segmentation(layers: list, table: list[SegmentLabel], segmentation_node, reference_volume,
                            source_node=None) -> None:
     """Replaces the segments of ``segmentation_node`` by one segment per entry of ``table``.
 
     Args:
-        labels: int library :class:`Image` on ``reference_volume``'s grid.
-        table: which value becomes which segment (name and colour).
+        layers: int library :class:`Image` objects on ``reference_volume``'s grid, one per layer of
+            ``table`` (see :func:`segmentation_to_label_layers`): overlapping segments stay whole.
+        table: which value of which layer becomes which segment (name and colour).
         segmentation_node: the output node; its previous segments are removed.
         reference_volume: the volume that defines the labels' grid (becomes the segmentation's
             reference geometry).
@@ -314,7 +356,6 @@ def labels_to_segmentation(labels, table: list[SegmentLabel], segmentation_node,
         segmentation_node.CreateDefaultDisplayNodes()
     segmentation = segmentation_node.GetSegmentation()
     source = source_node.GetSegmentation() if source_node is not None else None
-    present = [entry for entry in table if bool((labels.data == entry.value).any())]
     with _temporary_nodes(scene):
         colors = scene.AddNewNodeByClass("vtkMRMLColorTableNode", "__SAMERegistration_temp_colors__")
         colors.SetTypeToUser()
@@ -322,24 +363,29 @@ def labels_to_segmentation(labels, table: list[SegmentLabel], segmentation_node,
         colors.SetColor(0, "Background", 0.0, 0.0, 0.0, 0.0)
         for entry in table:  # unique names: segment names may repeat
             colors.SetColor(entry.value, f"__label_{entry.value}", *entry.color, 1.0)
-        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__SAMERegistration_temp__")
-        kept = np.where(np.isin(labels.numpy(), [entry.value for entry in present]), labels.numpy(), 0)
-        slicer.util.updateVolumeFromArray(labelmap, kept.astype(np.uint16))
-        labelmap.SetIJKToRASMatrix(_vtk_matrix(labels.grid.index_to_world_ras()))
-        labelmap.CreateDefaultDisplayNodes()
-        labelmap.GetDisplayNode().SetAndObserveColorNodeID(colors.GetID())
         segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
         segmentation.RemoveAllSegments()
-        if present and not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
-                labelmap, segmentation_node):
-            raise RuntimeError("labels_to_segmentation(): importing the warped labels failed")
+        for index, labels in enumerate(layers):  # one import per layer: each becomes its own binary layer
+            values = labels.numpy()
+            present = [entry.value for entry in table if entry.layer == index and bool((values == entry.value).any())]
+            if not present:
+                continue
+            labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__SAMERegistration_temp__")
+            slicer.util.updateVolumeFromArray(labelmap, np.where(np.isin(values, present), values, 0).astype(np.uint16))
+            labelmap.SetIJKToRASMatrix(_vtk_matrix(labels.grid.index_to_world_ras()))
+            labelmap.CreateDefaultDisplayNodes()
+            labelmap.GetDisplayNode().SetAndObserveColorNodeID(colors.GetID())
+            if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation_node):
+                raise RuntimeError("labels_to_segmentation(): importing the warped labels failed")
     imported = {segmentation.GetNthSegment(i).GetName(): segmentation.GetNthSegmentID(i)
                 for i in range(segmentation.GetNumberOfSegments())}
     for entry in table:  # in the input's order; a segment the warp lost stays, empty
         segment_id = imported.get(f"__label_{entry.value}") or segmentation.AddEmptySegment("", entry.name, entry.color)
         segment = segmentation.GetSegment(segment_id)
         if source is not None and source.GetSegment(entry.segment_id) is not None:
+            value = segment.GetLabelValue()  # metadata includes the source's label value, not this layer's
             segment.DeepCopyMetadata(source.GetSegment(entry.segment_id))
+            segment.SetLabelValue(value)
         else:
             segment.SetName(entry.name)
             segment.SetColor(*entry.color)
@@ -493,6 +539,8 @@ class PreparedInputs:
 
     files: dict[str, str]
     segment_table: list[SegmentLabel] = field(default_factory=list)
+    extra_label_layers: list[str] = field(default_factory=list)
+    """Label files of the moving segments that overlap those of ``files["moving_labels"]``."""
     notes: list[str] = field(default_factory=list)
 
 
@@ -545,9 +593,12 @@ def write_inputs(inputs: RegistrationInputs, folder: str | os.PathLike) -> Prepa
     prepared.files["fixed"] = write(volume_to_image(inputs.fixed), "fixed.nrrd")
     prepared.files["moving"] = write(volume_to_image(inputs.moving), "moving.nrrd")
     if inputs.moving_segmentation is not None:
-        labels, table = segmentation_to_labels(inputs.moving_segmentation, inputs.moving)
+        layers, table = segmentation_to_label_layers(inputs.moving_segmentation, inputs.moving)
         prepared.segment_table = table
-        prepared.files["moving_labels"] = write(labels, "moving_labels.nrrd", sitk.sitkUInt16)
+        prepared.files["moving_labels"] = write(layers[0], "moving_labels.nrrd", sitk.sitkUInt16)
+        # overlapping segments: the worker warps the other layers like the first (worker.py)
+        prepared.extra_label_layers = [write(layer, f"moving_labels_layer{index}.nrrd", sitk.sitkUInt16)
+                                       for index, layer in enumerate(layers[1:], start=1)]
         # the segment names name the labels of summary.json (read by the backend from beside the labels)
         (folder / LABEL_NAMES_FILE).write_text(json.dumps({str(entry.value): entry.name for entry in table}))
         if inputs.fixed_segmentation is not None:
@@ -602,17 +653,19 @@ def load_outputs(outdir: str | os.PathLike, summary: dict, inputs: RegistrationI
         inverse_field = read_initial_transform(outdir / INVERSE_TRANSFORM_FILE, inverse_grid).displacement_on(inverse_grid)
     warped = Image.from_sitk(sitk.ReadImage(str(outdir / WARPED_FILE)))
     jacobian = Image.from_sitk(sitk.ReadImage(str(outdir / JACOBIAN_FILE)))
-    labels = None
+    layers = []
     if segment_table and (outdir / WARPED_LABELS_FILE).is_file():
         import torch
 
-        labels = Image.from_sitk(sitk.ReadImage(str(outdir / WARPED_LABELS_FILE)), dtype=torch.int64)
-    for image, what in ((warped, "warped volume"), (jacobian, "Jacobian map"), (labels, "warped labels")):
-        if image is not None and not image.grid.same_as(fixed_grid):
+        count = max(entry.layer for entry in segment_table) + 1
+        names = [WARPED_LABELS_FILE] + [warped_layer_file(index) for index in range(1, count)]
+        layers = [Image.from_sitk(sitk.ReadImage(str(outdir / name)), dtype=torch.int64) for name in names]
+    for image, what in ((warped, "warped volume"), (jacobian, "Jacobian map"), *((layer, "warped labels") for layer in layers)):
+        if not image.grid.same_as(fixed_grid):
             raise RuntimeError(f"load_outputs(): the {what} is not on the fixed volume's grid")
     # exactly the fixed geometry (the files store it in single precision)
     warped, jacobian = Image(warped.data, fixed_grid), Image(jacobian.data, fixed_grid)
-    labels = None if labels is None else Image(labels.data, fixed_grid)
+    layers = [Image(layer.data, fixed_grid) for layer in layers]
 
     scene = inputs.fixed.GetScene()
     moving_name = inputs.moving.GetName()
@@ -637,11 +690,11 @@ def load_outputs(outdir: str | os.PathLike, summary: dict, inputs: RegistrationI
         result.jacobian = _new_node(scene, "vtkMRMLScalarVolumeNode", f"{moving_name} Jacobian")
     image_to_volume(jacobian_in_body(jacobian, volume_to_image(inputs.fixed)), result.jacobian)
     show_jacobian(result.jacobian)
-    if labels is not None:
+    if layers:
         if result.warped_segmentation is None:
             result.warped_segmentation = _new_node(scene, "vtkMRMLSegmentationNode",
                                                    f"{inputs.moving_segmentation.GetName()} registered")
-        labels_to_segmentation(labels, segment_table, result.warped_segmentation, result.warped,
+        labels_to_segmentation(layers, segment_table, result.warped_segmentation, result.warped,
                                source_node=inputs.moving_segmentation)
     return result
 
@@ -688,6 +741,8 @@ class NodeRegistration:
             raise
         self.log.extend(self._prepared.notes)
         request = {"overview": False, **self.request, **self._prepared.files, "output_dir": str(self.folder / "outputs")}
+        if self._prepared.extra_label_layers:
+            request[EXTRA_LABEL_LAYERS] = self._prepared.extra_label_layers
         self.worker = WorkerProcess(request, self.folder / "request.json", python=self.python).start()
         self.state = "running"
         return self

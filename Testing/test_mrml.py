@@ -420,6 +420,46 @@ def test_masks_are_written_on_their_volumes_grids(tmp_path):
         mrml.write_inputs(mrml.RegistrationInputs(fixed, moving, moving_mask=moving_mask), tmp_path / "again")
 
 
+def test_overlapping_segments_are_each_warped_whole():
+    """A segmentation whose segments overlap ("tissue" holds "bone"): both come back whole, each
+    equal to its own mask warped through transform.h5 (no segment loses voxels to another)."""
+    from SAMERegistrationLib.export import read_transform
+    from SAMERegistrationLib.spatial.warp import resample_labels
+
+    data = tiny_pair()
+    scene = new_scene()
+    fixed, moving = add_volume(scene, data.fixed, "fixed"), add_volume(scene, data.moving, "moving")
+    segments = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "overlapping")
+    segments.SetReferenceImageGeometryParameterFromVolumeNode(moving)
+    masks = {"tissue": data.moving_labels.numpy() > 0, "bone": data.moving_labels.numpy() == 1}
+    for name, mask in masks.items():  # one import each: Slicer keeps them in separate layers
+        labelmap = add_volume(scene, Image(torch.from_numpy(mask.astype(np.int64)), data.moving.grid), name,
+                              "vtkMRMLLabelMapVolumeNode", np.uint8)
+        assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segments)
+        scene.RemoveNode(labelmap)
+        segmentation = segments.GetSegmentation()
+        segmentation.GetNthSegment(segmentation.GetNumberOfSegments() - 1).SetName(name)
+    layers, table = mrml.segmentation_to_label_layers(segments, moving)
+    assert [entry.layer for entry in table] == [0, 1] and len(layers) == 2
+    run = mrml.NodeRegistration(mrml.RegistrationInputs(fixed, moving, moving_segmentation=segments),
+                                mrml.RegistrationOutputs(), {"mode": FAST_MODE, "device": "cpu", "options": FAST_OPTIONS},
+                                keep_files=True).start()
+    try:
+        result = run.wait(timeout=300)
+        transform = read_transform(run.folder / "outputs" / TRANSFORM_FILE, mrml.volume_grid(fixed))
+        warped = {name: segment_mask(result.warped_segmentation, name, fixed) for name in masks}
+        for name, mask in masks.items():
+            expected = resample_labels(Image(torch.from_numpy(mask.astype(np.int64)), data.moving.grid),
+                                       mrml.volume_grid(fixed), transform).numpy() > 0
+            assert expected.sum() > 20, name
+            assert np.array_equal(warped[name], expected), f"{name}: {int((warped[name] != expected).sum())} voxels differ"
+        assert (warped["bone"] & warped["tissue"]).sum() == warped["bone"].sum()  # still inside the tissue
+    finally:
+        import shutil
+
+        shutil.rmtree(run.folder, ignore_errors=True)
+
+
 def test_cancel_kills_the_worker_and_creates_no_node():
     data = tiny_pair()
     scene = new_scene()
