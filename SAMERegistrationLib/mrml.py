@@ -625,11 +625,38 @@ def _new_node(scene, class_name: str, name: str):
     return node
 
 
-def load_outputs(outdir: str | os.PathLike, summary: dict, inputs: RegistrationInputs,
-                 outputs: RegistrationOutputs, segment_table: list[SegmentLabel]) -> RegistrationOutputs:
-    """Reads a finished output folder into the output nodes (creating the missing ones).
+@dataclass
+class OutputData:
+    """A finished output folder read into memory (no node touched), ready for :func:`apply_outputs`.
 
-    Nothing is created or changed before every file has been read.
+    Attributes:
+        field_grid: the fixed working grid of ``whole_field``.
+        whole_field: ``(3, D, H, W)`` LPS mm, phi(x) - x of the whole result on ``field_grid``.
+        affine: 4x4 LPS affine part, or None.
+        inverse_grid, inverse_field: the inverse's displacement on a moving-space grid, or None.
+        warped: the warped volume on the fixed grid.
+        jacobian: the Jacobian map on the fixed grid, NaN outside the fixed body.
+        layers: the warped label layers on the fixed grid (see :func:`segmentation_to_label_layers`).
+    """
+
+    field_grid: Grid
+    whole_field: object
+    affine: np.ndarray | None
+    inverse_grid: Grid | None
+    inverse_field: object
+    warped: object
+    jacobian: object
+    layers: list
+
+
+def read_outputs(outdir: str | os.PathLike, summary: dict, fixed, moving_grid: Grid,
+                 segment_table: list[SegmentLabel]) -> OutputData:
+    """Reads a finished output folder (no MRML: safe on a background thread).
+
+    Args:
+        fixed: the fixed volume as a library Image (its grid is the outputs' grid; its voxels give
+            the body the Jacobian map is limited to).
+        moving_grid: the moving volume's grid (the inverse is sampled on it).
     """
     import SimpleITK as sitk
 
@@ -639,7 +666,7 @@ def load_outputs(outdir: str | os.PathLike, summary: dict, inputs: RegistrationI
                           WARPED_LABELS_FILE)
 
     outdir = Path(outdir)
-    fixed_grid = volume_grid(inputs.fixed)
+    fixed_grid = fixed.grid
     field_grid = fixed_grid.with_spacing(float(summary["working_spacing_mm"]))
     # phi(x) - x of the whole result (affine included) at the working grid's voxel centres: exact,
     # because transform.h5 keeps its field on that grid
@@ -647,9 +674,9 @@ def load_outputs(outdir: str | os.PathLike, summary: dict, inputs: RegistrationI
     affine = read_initial_transform(outdir / AFFINE_FILE, field_grid).affine if (outdir / AFFINE_FILE).is_file() else None
     # the inverse (moving -> fixed, an affine then a field) sampled on a moving-space grid as fine
     # as its field
-    inverse_field = None
+    inverse_grid = inverse_field = None
     if (outdir / INVERSE_TRANSFORM_FILE).is_file():
-        inverse_grid = volume_grid(inputs.moving).with_spacing(float(summary["inverse"]["field_spacing_mm"]))
+        inverse_grid = moving_grid.with_spacing(float(summary["inverse"]["field_spacing_mm"]))
         inverse_field = read_initial_transform(outdir / INVERSE_TRANSFORM_FILE, inverse_grid).displacement_on(inverse_grid)
     warped = Image.from_sitk(sitk.ReadImage(str(outdir / WARPED_FILE)))
     jacobian = Image.from_sitk(sitk.ReadImage(str(outdir / JACOBIAN_FILE)))
@@ -664,47 +691,63 @@ def load_outputs(outdir: str | os.PathLike, summary: dict, inputs: RegistrationI
         if not image.grid.same_as(fixed_grid):
             raise RuntimeError(f"load_outputs(): the {what} is not on the fixed volume's grid")
     # exactly the fixed geometry (the files store it in single precision)
-    warped, jacobian = Image(warped.data, fixed_grid), Image(jacobian.data, fixed_grid)
-    layers = [Image(layer.data, fixed_grid) for layer in layers]
+    return OutputData(field_grid, whole_field, affine, inverse_grid, inverse_field, Image(warped.data, fixed_grid),
+                      jacobian_in_body(Image(jacobian.data, fixed_grid), fixed),
+                      [Image(layer.data, fixed_grid) for layer in layers])
 
+
+def apply_outputs(data: OutputData, inputs: RegistrationInputs, outputs: RegistrationOutputs,
+                  segment_table: list[SegmentLabel]) -> RegistrationOutputs:
+    """Puts outputs read by :func:`read_outputs` into the output nodes (creating the missing ones)."""
     scene = inputs.fixed.GetScene()
     moving_name = inputs.moving.GetName()
     result = RegistrationOutputs(**vars(outputs))
     if result.transform is None:
         result.transform = _new_node(scene, "vtkMRMLGridTransformNode", f"{moving_name} registration")
-    set_grid_transform(result.transform, whole_field, field_grid)
+    set_grid_transform(result.transform, data.whole_field, data.field_grid)
     set_registration_references(result.transform, inputs.fixed, inputs.moving)
-    if result.affine is not None and affine is not None:
-        set_linear_transform(result.affine, affine)
+    if result.affine is not None and data.affine is not None:
+        set_linear_transform(result.affine, data.affine)
         set_registration_references(result.affine, inputs.fixed, inputs.moving)
-    if inverse_field is not None:
+    if data.inverse_field is not None:
         if result.inverse is None:
             result.inverse = _new_node(scene, "vtkMRMLGridTransformNode", f"{moving_name} registration inverse")
-        set_grid_transform(result.inverse, inverse_field, inverse_grid)
+        set_grid_transform(result.inverse, data.inverse_field, data.inverse_grid)
         set_registration_references(result.inverse, inputs.moving, inputs.fixed)  # resamples fixed onto moving
     if result.warped is None:
         result.warped = _new_node(scene, "vtkMRMLScalarVolumeNode", f"{moving_name} registered")
-    image_to_volume(warped, result.warped)
+    image_to_volume(data.warped, result.warped)
     copy_volume_display(inputs.moving, result.warped)
     if result.jacobian is None:
         result.jacobian = _new_node(scene, "vtkMRMLScalarVolumeNode", f"{moving_name} Jacobian")
-    image_to_volume(jacobian_in_body(jacobian, volume_to_image(inputs.fixed)), result.jacobian)
+    image_to_volume(data.jacobian, result.jacobian)
     show_jacobian(result.jacobian)
-    if layers:
+    if data.layers:
         if result.warped_segmentation is None:
             result.warped_segmentation = _new_node(scene, "vtkMRMLSegmentationNode",
                                                    f"{inputs.moving_segmentation.GetName()} registered")
-        labels_to_segmentation(layers, segment_table, result.warped_segmentation, result.warped,
+        labels_to_segmentation(data.layers, segment_table, result.warped_segmentation, result.warped,
                                source_node=inputs.moving_segmentation)
     return result
+
+
+def load_outputs(outdir: str | os.PathLike, summary: dict, inputs: RegistrationInputs,
+                 outputs: RegistrationOutputs, segment_table: list[SegmentLabel]) -> RegistrationOutputs:
+    """Reads a finished output folder into the output nodes (creating the missing ones), blocking.
+
+    Nothing is created or changed before every file has been read.
+    """
+    data = read_outputs(outdir, summary, volume_to_image(inputs.fixed), volume_grid(inputs.moving), segment_table)
+    return apply_outputs(data, inputs, outputs, segment_table)
 
 
 class NodeRegistration:
     """One registration of MRML nodes run by a worker process.
 
     ``start()`` writes the inputs to a temporary folder and starts the worker; ``poll()`` (from a
-    timer) returns new events and, once the worker has succeeded, loads the outputs into the nodes
-    (so nodes change only when the whole result is there); ``wait()`` blocks until the end;
+    timer) returns new events and, once the worker has succeeded, reads the output files on a
+    background thread and then puts them into the nodes (so the GUI is not blocked by the reading,
+    and nodes change only when the whole result is there); ``wait()`` blocks until the end;
     ``cancel()`` kills the worker: no node is created or changed. The temporary folder is removed
     at the end either way (unless ``keep_files``).
 
@@ -729,6 +772,8 @@ class NodeRegistration:
         self.folder: Path | None = None
         self.worker = None
         self._prepared: PreparedInputs | None = None
+        self._reader = None
+        self._read: OutputData | Exception | None = None
 
     def start(self) -> NodeRegistration:
         from .worker import WorkerProcess
@@ -756,7 +801,22 @@ class NodeRegistration:
         the run (outputs loaded, or ``error`` set) and adds a final ``{"event": "finished"}``."""
         if self.state != "running":
             return []
-        events = self.worker.poll()
+        events = self._note(self.worker.poll())
+        if self.worker.finished() and self._reader is None:
+            events += self._note(self.worker.poll())
+            if self.worker.returncode == 0 and self.summary is not None and not self.worker.killed:
+                self._start_reading()
+                events.append({"event": "log", "message": "reading the results"})
+                return events
+            self._finish()
+            events.append({"event": "finished", "state": self.state, "error": self.error})
+        elif self._reader is not None and not self._reader.is_alive():
+            self._finish()
+            events.append({"event": "finished", "state": self.state, "error": self.error})
+        return events
+
+    def _note(self, events: list[dict]) -> list[dict]:
+        """Keeps what the run needs from the worker's events (summary, error, log); returns them."""
         for event in events:
             kind = event.get("event")
             if kind == "summary":
@@ -765,10 +825,6 @@ class NodeRegistration:
                 self.error, self.error_kind = event.get("message"), event.get("kind")
             elif kind in ("log", "warning"):
                 self.log.append(event.get("message", ""))
-        if self.worker.finished():
-            events += self.worker.poll()
-            self._finish()
-            events.append({"event": "finished", "state": self.state, "error": self.error})
         return events
 
     def wait(self, timeout: float | None = None, on_event=None) -> RegistrationOutputs:
@@ -802,13 +858,30 @@ class NodeRegistration:
         self.error, self.error_kind = "registration cancelled", "cancelled"
         self._cleanup()
 
+    def _start_reading(self) -> None:
+        """Reads the output files on a thread (the GUI stays responsive); poll() applies them."""
+        import threading
+
+        fixed, moving_grid = volume_to_image(self.inputs.fixed), volume_grid(self.inputs.moving)
+
+        def read() -> None:
+            try:
+                self._read = read_outputs(self.folder / "outputs", self.summary, fixed, moving_grid,
+                                          self._prepared.segment_table)
+            except Exception as error:  # noqa: BLE001 - reported as the run's error by _finish
+                self._read = error
+
+        self._reader = threading.Thread(target=read, daemon=True, name="SAMERegistration-outputs")
+        self._reader.start()
+
     def _finish(self) -> None:
         try:
             if self.worker.killed:
                 self.state = "cancelled"
             elif self.worker.returncode == 0 and self.summary is not None:
-                self.result = load_outputs(self.folder / "outputs", self.summary, self.inputs, self.outputs,
-                                           self._prepared.segment_table)
+                if isinstance(self._read, Exception):
+                    raise self._read
+                self.result = apply_outputs(self._read, self.inputs, self.outputs, self._prepared.segment_table)
                 self.state = "completed"
             else:
                 self.state = "cancelled" if self.error_kind == "cancelled" else "failed"

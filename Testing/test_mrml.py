@@ -263,6 +263,10 @@ def test_registration_of_nodes_completes_and_leaves_inputs_untouched(registered)
     progress = [e["overall_fraction"] for e in registered.events if e["event"] == "progress"]
     assert progress and progress == sorted(progress) and progress[-1] == 1.0
     assert registered.events[-1] == {"event": "finished", "state": "completed", "error": None}
+    # the output files are read on a background thread after the worker ended, then put into nodes
+    kinds = [(e["event"], e.get("message")) for e in registered.events]
+    assert kinds.index(("log", "reading the results")) == len(kinds) - 2
+    assert registered.run._reader is not None and not registered.run._reader.is_alive()
     dice = registered.run.summary["dice"]
     assert dice["label_names"] == {"1": "bone", "2": "soft tissue"}  # the segment names
     print(f"\nnode registration {registered.seconds:.1f} s; mean Dice {dice['mean_before_registration']:.3f} -> "
