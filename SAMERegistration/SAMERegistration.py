@@ -56,11 +56,18 @@ def _resourcePath(relativePath: str) -> str:
     return os.path.join(_moduleRoot(), "Resources", relativePath)
 
 
-def _importLibrary():
-    """Imports the backend's MRML bridge (and so torch): only call after ensureDependencies()."""
+def _importLibraryPath() -> None:
+    """Makes ``SAMERegistrationLib`` importable (its light parts, such as the probe client, import
+    no torch)."""
     root = _moduleRoot()
     if root not in sys.path:
         sys.path.insert(0, root)
+
+
+def _importLibrary():
+    """Imports the backend's MRML bridge (and so torch, though never CUDA): only call after
+    ensureDependencies()."""
+    _importLibraryPath()
     from SAMERegistrationLib import mrml
 
     return mrml
@@ -104,13 +111,24 @@ few scans.</li>
 </ul>
 <p><b>Outputs</b>: the whole transform as a grid transform (fixed to moving, so the moving volume
 placed under it lines up with the fixed one; it saves as an ITK displacement field), optionally the
-affine part as a linear transform, the warped volume, the Jacobian determinant map (white = 1,
-blue = compression, red = expansion; the log gives the % of folded voxels) and the warped
-segmentation. Inputs are never modified; Apply again with the same outputs replaces them.</p>
+affine part as a linear transform (both reference the fixed and moving volumes), the warped
+volume, the Jacobian determinant map inside the fixed body (white = 1, blue = compression, red =
+expansion, yellow = folded, J &lt;= 0; the log gives the % of folded voxels; "Jacobian over the fixed
+volume" shows it over the anatomy) and the warped segmentation. Inputs are never modified; Apply again with the same outputs replaces them.</p>
 <p>Presets set the finest working voxel size: Fast 4 mm, Balanced 3 mm, Quality 2 mm. Device
 Auto uses a GPU when PyTorch sees one; a check before the run offers the CPU when the images
-will not fit in GPU memory.</p>
+will not fit in GPU memory. PyTorch and the GPU are used by the registration process only, never
+by Slicer's own process.</p>
+<p><b>Masks</b>: the fixed mask limits the comparison to its segments (default: the body); with a
+moving mask, moving voxels outside its segments take no part in it.</p>
+<p><b>Advanced</b> (collapsed): the similarity and iterations of the learned stages' refinement,
+the segment interpolation, CPU threads, and keeping the run's files (then "Show folder" opens
+them). <b>Saved settings</b> keep every choice except the nodes under a name, for any scene;
+the <b>parameter set</b> selector at the top holds several set-ups in one scene.</p>
+<p><b>Sample data</b>: the SampleData module offers the bundled pair of abdomen CTs with their
+segmentations (category "SAME Registration").</p>
 """)
+        slicer.app.connect("startupCompleted()", registerSampleData)
         self.parent.acknowledgementText = _("""
 Methods: SAME: Liu F. et al., "SAME: Deformable Image Registration based on Self-supervised
 Anatomical Embeddings", MICCAI 2021, and SAME++ (Tian L. et al., 2023); SAM: Yan K. et al.,
@@ -121,6 +139,36 @@ Semantic similarity metrics for learned image registration", MIDL 2021; Li and F
 image registration using fully convolutional networks with deep self-supervision" (Li H., Fan Y.,
 arXiv 2017 / ISBI 2018). Sample data: TotalSegmentator (CC BY 4.0).
 """)
+
+
+#
+# Sample data
+#
+SAMPLE_FILES = (
+    ("patientC_abdomen_ct.nii.gz", "SAME fixed CT (patient C)", "VolumeFile"),
+    ("patientA_abdomen_ct.nii.gz", "SAME moving CT (patient A)", "VolumeFile"),
+    ("patientC_abdomen_labels.nii.gz", "SAME fixed segments (patient C)", "SegmentationFile"),
+    ("patientA_abdomen_labels.nii.gz", "SAME moving segments (patient A)", "SegmentationFile"),
+)
+"""The bundled inter-patient pair (Resources/SampleData; TotalSegmentator, CC BY 4.0) as the
+SampleData module loads it: file, node name, file type."""
+
+
+def registerSampleData() -> None:
+    """Offers the bundled pair in the SampleData module ("Download Sample Data"), from the files
+    shipped with the extension (file:// addresses: nothing is downloaded)."""
+    import SampleData
+
+    folder = pathlib.Path(_resourcePath("SampleData"))
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="SAME Registration",
+        sampleName="SAMERegistrationAbdomenPair",
+        thumbnailFileName=_resourcePath("Icons/SAMERegistration.png"),
+        uris=[(folder / name).as_uri() for name, _, _ in SAMPLE_FILES],
+        fileNames=[name for name, _, _ in SAMPLE_FILES],
+        nodeNames=[node for _, node, _ in SAMPLE_FILES],
+        loadFileType=[kind for _, _, kind in SAMPLE_FILES],
+    )
 
 
 #
@@ -151,6 +199,14 @@ class Preset(enum.Enum):
         return {4.0: _("Fast (4 mm)"), 3.0: _("Balanced (3 mm)"), 2.0: _("Quality (2 mm)")}[self.value]
 
 
+class LabelInterpolation(enum.Enum):
+    NEAREST = "nearest"
+    ONEHOT = "onehot"
+
+    def label(self):
+        return {"nearest": _("Nearest neighbour"), "onehot": _("One-hot (smoother)")}[self.value]
+
+
 class Device(enum.Enum):
     AUTO = "auto"
     GPU = "cuda"
@@ -170,6 +226,7 @@ class SAMERegistrationParameterNode:
     movingSegmentation: vtkMRMLSegmentationNode
     initialTransform: vtkMRMLTransformNode
     fixedMask: vtkMRMLSegmentationNode
+    movingMask: vtkMRMLSegmentationNode
     mode: RegistrationMode = RegistrationMode.SAME
     sameAffineStage: bool = True
     sameCoarseStage: bool = True
@@ -186,6 +243,63 @@ class SAMERegistrationParameterNode:
     showOverlay: bool = True
     showGrid: bool = True
     gridSpacing: Annotated[float, WithinRange(2.0, 100.0)] = 15.0
+    showJacobian: bool = False
+    similarity: str = ""
+    refineIterations: Annotated[int, WithinRange(-1, 100000)] = -1
+    labelInterpolation: LabelInterpolation = LabelInterpolation.NEAREST
+    threads: Annotated[int, WithinRange(0, 1024)] = 0
+    keepFiles: bool = False
+
+
+SAVED_SETTINGS = ("mode", "sameAffineStage", "sameCoarseStage", "sameDeformableStage", "customWeights", "preset",
+                  "device", "showOverlay", "showGrid", "gridSpacing", "showJacobian", "similarity",
+                  "refineIterations", "labelInterpolation", "threads", "keepFiles")
+"""The parameters a saved settings set holds: every choice except the nodes (which belong to a scene)."""
+SETTINGS_KEY = "SAMERegistration/SavedSettings"
+"""Application settings key of the saved settings: a JSON object {name: {parameter: value}}."""
+
+
+def settingsToJson(parameters) -> dict:
+    """The :data:`SAVED_SETTINGS` of a parameter node as JSON values (enums by value, paths as text)."""
+    values = {}
+    for name in SAVED_SETTINGS:
+        value = getattr(parameters, name)
+        values[name] = value.value if isinstance(value, enum.Enum) else str(value) if isinstance(value, pathlib.Path) else value
+    return values
+
+
+def applySettingsJson(parameters, values: dict) -> None:
+    """Sets the parameters named in ``values`` (see :func:`settingsToJson`); unknown names are ignored."""
+    for name in SAVED_SETTINGS:
+        if name not in values:
+            continue
+        current, value = getattr(parameters, name), values[name]
+        if isinstance(current, enum.Enum):
+            value = type(current)(value)
+        elif isinstance(current, pathlib.Path):
+            value = pathlib.Path(value)
+        setattr(parameters, name, value)
+
+
+def workerRequest(parameters) -> dict:
+    """The worker's request fields (see SAMERegistrationLib/worker.py) for the parameter node's
+    method and advanced choices (the input files are added by the MRML bridge)."""
+    mode = libraryModeName(parameters)
+    options = {"spacing": parameters.preset.value}
+    if parameters.threads > 0:
+        options["threads"] = parameters.threads
+    request = {"mode": mode, "device": parameters.device.value, "options": options,
+               "label_method": parameters.labelInterpolation.value}
+    weights = str(parameters.customWeights)
+    if mode != "intensity" and weights not in ("", "."):
+        request["sam_weights"] = weights
+    if mode == "same":
+        request["sam_coarse"] = parameters.sameCoarseStage
+    if parameters.similarity.strip():
+        request["similarity"] = parameters.similarity.strip()
+    if parameters.refineIterations >= 0:
+        request["refine_iterations"] = parameters.refineIterations
+    return request
 
 
 def libraryModeName(parameters) -> str:
@@ -228,8 +342,17 @@ class SAMERegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        # several set-ups per scene: the selector lists this module's parameter nodes
+        self.ui.parameterNodeSelector.addAttribute("vtkMRMLScriptedModuleNode", "ModuleName", self.moduleName)
+        self.ui.parameterNodeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onParameterNodeSelected)
+        self.ui.showFolderButton.connect("clicked(bool)", self.onShowFolder)
+        self.ui.saveSettingsButton.connect("clicked(bool)", self.onSaveSettings)
+        self.ui.deleteSettingsButton.connect("clicked(bool)", self.onDeleteSettings)
+        self.ui.savedSettingsComboBox.connect("activated(int)", self.onSavedSettingsChosen)
+        self.updateSavedSettingsList()
         self.initializeParameterNode()
-        qt.QTimer.singleShot(0, self.updateDeviceInfo)  # after the module is shown
+        self.logic.onProbeAnswer = self.updateDeviceInfo
+        qt.QTimer.singleShot(0, self.logic.startProbe)  # after the module is shown
 
     def cleanup(self) -> None:
         self.logic.cancel()
@@ -253,7 +376,12 @@ class SAMERegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.initializeParameterNode()
 
     def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
+        selected = self.ui.parameterNodeSelector.currentNode()
+        self.setParameterNode(SAMERegistrationParameterNode(selected) if selected else self.logic.getParameterNode())
+
+    def onParameterNodeSelected(self, node) -> None:
+        if node is not None and (self._parameterNode is None or node != self._parameterNode.parameterNode):
+            self.setParameterNode(SAMERegistrationParameterNode(node))
 
     def setParameterNode(self, inputParameterNode: Optional[SAMERegistrationParameterNode]) -> None:
         if self._parameterNode:
@@ -261,12 +389,47 @@ class SAMERegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGui)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
+            wasBlocked = self.ui.parameterNodeSelector.blockSignals(True)
+            self.ui.parameterNodeSelector.setCurrentNode(self._parameterNode.parameterNode)
+            self.ui.parameterNodeSelector.blockSignals(wasBlocked)
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGui)
             self.updateGui()
 
     def updateDeviceInfo(self) -> None:
         self.ui.deviceInfoLabel.text = self.logic.deviceDescription()
+        self.updateGui()
+
+    # ------------------------------------------------------------------ saved settings and folders
+    def updateSavedSettingsList(self) -> None:
+        self.ui.savedSettingsComboBox.clear()
+        names = self.logic.savedSettingsNames()
+        self.ui.savedSettingsComboBox.addItems(names or [_("(none saved yet)")])
+        self.ui.savedSettingsComboBox.enabled = bool(names)
+        self.ui.deleteSettingsButton.enabled = bool(names)
+
+    def onSaveSettings(self) -> None:
+        name = qt.QInputDialog.getText(slicer.util.mainWindow(), _("Save settings"), _("Name of these settings:"))
+        if name and name.strip() and self._parameterNode:
+            self.logic.saveSettings(self._parameterNode, name.strip())
+            self.updateSavedSettingsList()
+            self.ui.savedSettingsComboBox.currentText = name.strip()
+
+    def onSavedSettingsChosen(self, index: int) -> None:
+        name = self.ui.savedSettingsComboBox.itemText(index)
+        if self._parameterNode and name in self.logic.savedSettingsNames():
+            self.logic.loadSettings(self._parameterNode, name)
+
+    def onDeleteSettings(self) -> None:
+        name = self.ui.savedSettingsComboBox.currentText
+        if name in self.logic.savedSettingsNames() and slicer.util.confirmOkCancelDisplay(
+                _("Forget the saved settings '{name}'?").format(name=name)):
+            self.logic.deleteSettings(name)
+            self.updateSavedSettingsList()
+
+    def onShowFolder(self) -> None:
+        if self.logic.keptFolder is not None:
+            qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(self.logic.keptFolder)))
 
     def updateGui(self, caller=None, event=None) -> None:
         """Enables what can be used now and says why Apply is not available."""
@@ -300,8 +463,10 @@ class SAMERegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             RegistrationMode.TVF_LDDMM: _("As TVF-diffeomorphic, with the LDDMM regulariser (smoother, never folds); "
                                           "also gives the inverse transform."),
         }[parameters.mode]
-        for widget in (self.ui.inputsCollapsibleButton, self.ui.methodCollapsibleButton, self.ui.outputsCollapsibleButton):
+        for widget in (self.ui.inputsCollapsibleButton, self.ui.methodCollapsibleButton, self.ui.outputsCollapsibleButton,
+                       self.ui.advancedCollapsibleButton, self.ui.parameterNodeSelector):
             widget.enabled = not running
+        self.ui.showFolderButton.enabled = self.logic.keptFolder is not None and self.logic.keptFolder.is_dir()
         if running:
             self.ui.applyButton.text = _("Cancel")
             self.ui.applyButton.toolTip = _("Stop the registration (no output is changed).")
@@ -330,6 +495,7 @@ class SAMERegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Failed to start the registration."), waitCursor=True):
             if not self.logic.ensureDependencies(askUser=True):
                 return
+            self.logic.startProbe()  # (once: after a first install the GPU is not known yet)
             parameters = self._parameterNode
             warning = self.logic.preflight(parameters)
             if warning:
@@ -387,7 +553,11 @@ class SAMERegistrationLogic(ScriptedLoadableModuleLogic):
         self.run = None
         self._timer = None
         self._parameters = None
-        self._availableModes = None
+        self._probe = None
+        self._probeTimer = None
+        self.onProbeAnswer = None
+        self.keptFolder = None
+        """The folder of the last run when it was kept (Advanced: keep intermediate files)."""
 
     def getParameterNode(self):
         return SAMERegistrationParameterNode(super().getParameterNode())
@@ -439,52 +609,119 @@ class SAMERegistrationLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def _checkTorchVersion() -> None:
-        import torch
+        """From the installed package's metadata: importing torch here would load it into Slicer."""
+        import importlib.metadata
 
-        installed = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+        version = importlib.metadata.version("torch")
+        installed = tuple(int(part) for part in version.split("+")[0].split(".")[:2])
         required = tuple(int(part) for part in MINIMUM_TORCH_VERSION.split("."))
         if installed < required:
             raise RuntimeError(_("PyTorch {installed} is too old: {required} or newer is needed; update it in the "
-                                 "PyTorch Utils module.").format(installed=torch.__version__, required=MINIMUM_TORCH_VERSION))
+                                 "PyTorch Utils module.").format(installed=version, required=MINIMUM_TORCH_VERSION))
+
+    # The registration process, not Slicer's own, imports torch and talks to the GPU: what it will
+    # find is asked of a probe process (SAMERegistrationLib/probe.py), so Slicer never holds a CUDA
+    # context (GPU memory the worker would lack).
+    def startProbe(self) -> None:
+        """Starts the probe (when PyTorch is installed); ``onProbeAnswer`` is called once it has answered."""
+        if self._probe is not None or self.missingDependencies():
+            return
+        _importLibraryPath()
+        from SAMERegistrationLib.probe import Probe
+
+        self._probe = Probe(python=self.pythonExecutable()).start()
+        self._probeTimer = qt.QTimer()
+        self._probeTimer.setInterval(self.POLL_INTERVAL_MS)
+        self._probeTimer.timeout.connect(self._pollProbe)
+        self._probeTimer.start()
+
+    def _pollProbe(self) -> None:
+        if self._probe.answer() is not None or self._probe.error is not None:
+            self._probeTimer.stop()
+            if self.onProbeAnswer is not None:
+                self.onProbeAnswer()
+
+    def probeAnswer(self) -> Optional[dict]:
+        """What the registration process finds (see SAMERegistrationLib/probe.py), None until known."""
+        return None if self._probe is None else self._probe.answer()
 
     def deviceDescription(self) -> str:
-        """The GPU PyTorch sees (without installing anything), for the device selector."""
+        """The GPU the registration process sees (nothing is installed), for the device selector."""
         if self.missingDependencies():
             return _("PyTorch is not installed yet: it is installed at the first Apply.")
-        import torch
-
-        if not torch.cuda.is_available():
-            return _("No CUDA GPU found: the CPU is used ({threads} threads).").format(threads=torch.get_num_threads())
-        props = torch.cuda.get_device_properties(0)
-        return _("GPU: {name}, {memory:.0f} GiB").format(name=props.name, memory=props.total_memory / 2**30)
+        answer = self.probeAnswer()
+        if answer is None:
+            if self._probe is not None and self._probe.error:
+                return _("Could not ask PyTorch for the GPU: {error}").format(error=self._probe.error)
+            return _("Checking for a GPU...")
+        gpu = answer["gpu"]
+        if gpu is None:
+            return _("No CUDA GPU found: the CPU is used ({threads} threads).").format(threads=answer["threads"])
+        return _("GPU: {name}, {memory:.0f} GiB ({free:.0f} GiB free)").format(
+            name=gpu["name"], memory=gpu["total_gib"], free=gpu["free_gib"])
 
     def availableModes(self):
-        """The backend's available mode names, or None while PyTorch is not installed."""
-        if self._availableModes is None and not self.missingDependencies():
-            _importLibrary()
-            from SAMERegistrationLib.modes import AVAILABLE_MODES
-
-            self._availableModes = tuple(AVAILABLE_MODES)
-        return self._availableModes
+        """The backend's available mode names, or None while not known (PyTorch missing, probe running)."""
+        answer = self.probeAnswer()
+        return None if answer is None else tuple(answer["modes"])
 
     def preflight(self, parameters) -> Optional[str]:
-        """A warning when the images will not fit in the chosen GPU's memory (None when fine)."""
-        if parameters.device == Device.CPU:
+        """A warning when the images will not fit in the GPU's memory (None when fine or no GPU);
+        asked of a probe process (a few seconds)."""
+        answer = self.probeAnswer()
+        if parameters.device == Device.CPU or answer is None or answer["gpu"] is None:
             return None
-        import torch
+        _importLibraryPath()
+        from SAMERegistrationLib.probe import Probe
 
-        if not torch.cuda.is_available():
+        check = {"spacing": parameters.preset.value}
+        for role, node in (("fixed", parameters.fixedVolume), ("moving", parameters.movingVolume)):
+            matrix = vtk.vtkMatrix4x4()
+            node.GetIJKToRASMatrix(matrix)
+            dims = node.GetImageData().GetDimensions()
+            check[role] = {"shape": [dims[2], dims[1], dims[0]],
+                           "ijk_to_ras": [[matrix.GetElement(r, c) for c in range(4)] for r in range(4)]}
+        result = Probe(python=self.pythonExecutable(), memory_check=check).start().wait(timeout=120)
+        if result is None or result["memory_error"] is None:
             return None
-        mrml = _importLibrary()
-        from SAMERegistrationLib.errors import InputError
-        from SAMERegistrationLib.registration import check_memory
+        return _("The images will probably not fit in GPU memory: {error}").format(error=result["memory_error"])
 
+    # ------------------------------------------------------------------ saved settings
+    @staticmethod
+    def _savedSettings() -> dict:
+        import json
+
+        text = qt.QSettings().value(SETTINGS_KEY, "")
         try:
-            check_memory(mrml.volume_grid(parameters.fixedVolume), mrml.volume_grid(parameters.movingVolume),
-                         parameters.preset.value, torch.device("cuda"))
-        except InputError as error:
-            return _("The images will probably not fit in GPU memory: {error}").format(error=error)
-        return None
+            saved = json.loads(text) if text else {}
+        except ValueError:
+            saved = {}
+        return saved if isinstance(saved, dict) else {}
+
+    @staticmethod
+    def _storeSavedSettings(saved: dict) -> None:
+        import json
+
+        qt.QSettings().setValue(SETTINGS_KEY, json.dumps(saved, sort_keys=True))
+
+    def savedSettingsNames(self) -> list:
+        return sorted(self._savedSettings())
+
+    def saveSettings(self, parameters, name: str) -> None:
+        """Saves the parameter node's choices (:data:`SAVED_SETTINGS`, no nodes) under ``name`` in
+        the application settings, for any scene."""
+        saved = self._savedSettings()
+        saved[name] = settingsToJson(parameters)
+        self._storeSavedSettings(saved)
+
+    def loadSettings(self, parameters, name: str) -> None:
+        """Applies the settings saved under ``name`` to the parameter node."""
+        applySettingsJson(parameters, self._savedSettings()[name])
+
+    def deleteSettings(self, name: str) -> None:
+        saved = self._savedSettings()
+        saved.pop(name, None)
+        self._storeSavedSettings(saved)
 
     @staticmethod
     def pythonExecutable() -> str:
@@ -509,21 +746,18 @@ class SAMERegistrationLogic(ScriptedLoadableModuleLogic):
         inputs = mrml.RegistrationInputs(
             fixed=parameters.fixedVolume, moving=parameters.movingVolume,
             fixed_segmentation=parameters.fixedSegmentation, moving_segmentation=parameters.movingSegmentation,
-            fixed_mask=parameters.fixedMask, initial_transform=parameters.initialTransform)
+            fixed_mask=parameters.fixedMask, moving_mask=parameters.movingMask,
+            initial_transform=parameters.initialTransform)
         outputs = mrml.RegistrationOutputs(
             transform=parameters.outputTransform, affine=parameters.outputAffine, warped=parameters.warpedVolume,
             jacobian=parameters.jacobianVolume, warped_segmentation=parameters.warpedSegmentation,
             inverse=parameters.inverseTransform if parameters.mode.isTVF else None)
-        request = {"mode": libraryModeName(parameters), "device": parameters.device.value,
-                   "options": {"spacing": parameters.preset.value}}
-        weights = str(parameters.customWeights)
-        if request["mode"] != "intensity" and weights not in ("", "."):
-            request["sam_weights"] = weights
-        if request["mode"] == "same":
-            request["sam_coarse"] = parameters.sameCoarseStage
         self._parameters = parameters
-        self.run = mrml.NodeRegistration(inputs, outputs, request, python=self.pythonExecutable(),
-                                         work_dir=slicer.app.temporaryPath).start()
+        self.run = mrml.NodeRegistration(inputs, outputs, workerRequest(parameters), python=self.pythonExecutable(),
+                                         work_dir=slicer.app.temporaryPath, keep_files=parameters.keepFiles).start()
+        self.keptFolder = pathlib.Path(self.run.folder) if parameters.keepFiles else None
+        if self.keptFolder is not None:
+            self._emit({"event": "note", "message": _("Files of this run are kept in {folder}").format(folder=self.keptFolder)})
         logging.info(f"SAMERegistration: started worker process {self.run.worker.process.pid}")
         for note in self.run.log:
             self._emit({"event": "note", "message": note})
@@ -579,9 +813,10 @@ class SAMERegistrationLogic(ScriptedLoadableModuleLogic):
         if result.inverse is not None:
             parameters.inverseTransform = result.inverse
         mrml.show_results(slicer.mrmlScene, parameters.fixedVolume, result.warped, result.transform,
-                          overlay=parameters.showOverlay, grid=parameters.showGrid,
-                          grid_spacing_mm=parameters.gridSpacing)
-        if parameters.showOverlay and slicer.app.layoutManager() is not None:
+                          overlay=parameters.showOverlay or parameters.showJacobian, grid=parameters.showGrid,
+                          grid_spacing_mm=parameters.gridSpacing,
+                          jacobian=result.jacobian if parameters.showJacobian else None)
+        if (parameters.showOverlay or parameters.showJacobian) and slicer.app.layoutManager() is not None:
             slicer.util.resetSliceViews()
 
     def resultReport(self) -> list:

@@ -8,6 +8,7 @@ import threading
 import warnings
 from pathlib import Path
 
+from .command_line import EXIT_BAD_INPUT, EXIT_CANCELLED, CommandLineParser, print_warnings_as_lines
 from .errors import InputError, RegistrationCancelled, RegistrationFailed
 from .learning.objective import similarity_names
 from .modes import DEFAULT_MODE, MODE_NAMES
@@ -17,12 +18,10 @@ from .registration import RegistrationRequest, register_files
 from .signals import terminate_like_ctrl_c
 
 EXIT_FAILED = 1
-EXIT_BAD_INPUT = 2
-EXIT_CANCELLED = 130
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> CommandLineParser:
+    parser = CommandLineParser(
         prog="same-register",
         description="Register a MOVING 3-D image (CT first) to a FIXED one. Writes transform.h5 (fixed -> moving, "
                     "ITK/Slicer readable), affine.tfm, displacement.nii.gz, warped.nii.gz, jacobian.nii.gz, "
@@ -33,7 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created if needed)")
     parser.add_argument("--moving-labels", metavar="FILE", help="label map on the moving image's grid, warped to the fixed grid")
     parser.add_argument("--fixed-labels", metavar="FILE", help="label map on the fixed grid; with --moving-labels gives Dice per label")
+    parser.add_argument("--label-names", metavar="FILE",
+                        help='JSON object naming the label values, {"1": "spleen", ...}, for summary.json and '
+                             "overview.png (default: label_names.json beside the label maps, when there is one)")
     parser.add_argument("--fixed-mask", metavar="FILE", help="binary mask on the fixed grid restricting the similarity (default: body mask)")
+    parser.add_argument("--moving-mask", metavar="FILE",
+                        help="binary mask on the moving grid: moving voxels outside it take no part in the similarity")
     parser.add_argument("--initial-transform", metavar="FILE", help="ITK transform file (fixed -> moving) to start from; skips the initial alignment")
     add_registration_options(parser)
     parser.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: PyTorch's choice)")
@@ -70,14 +74,15 @@ def add_registration_options(parser: argparse.ArgumentParser) -> None:
 
 def registration_request(args: argparse.Namespace, fixed: str | Path, moving: str | Path, output_dir: str | Path,
                          threads: int | None, moving_labels: str | Path | None = None,
-                         fixed_labels: str | Path | None = None, fixed_mask: str | Path | None = None,
+                         fixed_labels: str | Path | None = None, label_names: str | Path | None = None,
+                         fixed_mask: str | Path | None = None, moving_mask: str | Path | None = None,
                          initial_transform: str | Path | None = None) -> RegistrationRequest:
     """The request of one pair: its files and thread count, and the options of
     :func:`add_registration_options` as parsed into ``args``."""
     return RegistrationRequest(
         fixed=fixed, moving=moving, output_dir=output_dir, mode=args.mode,
-        moving_labels=moving_labels, fixed_labels=fixed_labels, fixed_mask=fixed_mask,
-        initial_transform=initial_transform, sam_weights=args.sam_weights, vm_weights=args.vm_weights,
+        moving_labels=moving_labels, fixed_labels=fixed_labels, label_names=label_names, fixed_mask=fixed_mask,
+        moving_mask=moving_mask, initial_transform=initial_transform, sam_weights=args.sam_weights, vm_weights=args.vm_weights,
         tvf_weights=args.tvf_weights, sam_coarse=not args.no_sam_coarse, refine_iterations=args.refine_iterations,
         similarity=args.similarity, device=args.device, label_method=args.label_interpolation,
         overview=not args.no_overview, options=RegistrationOptions(spacing=args.spacing, threads=threads))
@@ -87,11 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     request = registration_request(args, args.fixed, args.moving, args.output, args.threads,
                                    moving_labels=args.moving_labels, fixed_labels=args.fixed_labels,
-                                   fixed_mask=args.fixed_mask, initial_transform=args.initial_transform)
+                                   label_names=args.label_names, fixed_mask=args.fixed_mask,
+                                   moving_mask=args.moving_mask, initial_transform=args.initial_transform)
     bars = None if args.quiet else _ProgressBars()
     with warnings.catch_warnings(), terminate_like_ctrl_c():
         warnings.simplefilter("always")
-        warnings.showwarning = _show_warning
+        warnings.showwarning = print_warnings_as_lines("same-register")
         try:
             summary = register_files(request, on_progress=bars, cancel=threading.Event())
         except InputError as error:
@@ -108,10 +114,6 @@ def main(argv: list[str] | None = None) -> int:
                 bars.close()
     _print_summary(summary, Path(args.output))
     return 0
-
-
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"same-register: warning: {message}", file=sys.stderr)
 
 
 def _print_summary(summary: dict, outdir: Path) -> None:

@@ -227,16 +227,43 @@ def read_initial_transform(path: str | os.PathLike, reference_grid: Grid) -> Spa
     Raises:
         InputError: the file is missing, unreadable, not a 3-D transform, or holds NaN/Inf.
     """
+    return _as_spatial_transform(_read_itk_transform(path, "initial transform"), reference_grid)
+
+
+def read_transform(path: str | os.PathLike, reference_grid: Grid,
+                   role: str = "transform") -> SpatialTransform | InverseTransform:
+    """Reads any ITK transform file for resampling (maps output-grid points to input points).
+
+    Exact for the two forms this package writes: ``transform.h5`` (a field applied first, then
+    linear parts) becomes a :class:`SpatialTransform` and ``inverse_transform.h5`` (linear parts
+    applied first, then a field) an :class:`InverseTransform`; otherwise as
+    :func:`read_initial_transform` (linear: exact; other: sampled on ``reference_grid``).
+
+    Raises:
+        InputError: the file is missing, unreadable or not a 3-D transform (named as ``role``).
+    """
+    transform = _read_itk_transform(path, role)
+    inverse = _linear_then_field(transform)
+    return inverse if inverse is not None else _as_spatial_transform(transform, reference_grid)
+
+
+def _read_itk_transform(path: str | os.PathLike, role: str) -> sitk.Transform:
+    """A 3-D ITK transform read from a file; InputError naming ``role`` otherwise."""
     source = Path(path)
     if not source.is_file():
-        raise InputError(f"initial transform {source}: does not exist: check the path")
+        raise InputError(f"{role} {source}: does not exist: check the path")
     try:
         transform = sitk.ReadTransform(str(source))
     except RuntimeError as error:
-        raise InputError(f"initial transform {source}: cannot be read as an ITK transform: give a .tfm, "
+        raise InputError(f"{role} {source}: cannot be read as an ITK transform: give a .tfm, "
                          ".txt, .mat or .h5 transform file") from error
     if transform.GetDimension() != 3:
-        raise InputError(f"initial transform {source}: is {transform.GetDimension()}-D: a 3-D transform is needed")
+        raise InputError(f"{role} {source}: is {transform.GetDimension()}-D: a 3-D transform is needed")
+    return transform
+
+
+def _as_spatial_transform(transform: sitk.Transform, reference_grid: Grid) -> SpatialTransform:
+    """Linear: the affine; a field applied before linear parts: exact; other: sampled on ``reference_grid``."""
     if transform.IsLinear():
         result = SpatialTransform.from_affine(affine_from_sitk(transform))
     else:
@@ -249,27 +276,50 @@ def read_initial_transform(path: str | os.PathLike, reference_grid: Grid) -> Spa
     return result
 
 
+def _parts(transform: sitk.Transform) -> list[sitk.Transform]:
+    """The transforms of a composite in the order they were added (the last acts first), or [transform]."""
+    if transform.GetName() != "CompositeTransform":
+        return [transform]
+    composite = sitk.CompositeTransform(transform)
+    return [composite.GetNthTransform(i) for i in range(composite.GetNumberOfTransforms())]
+
+
 def _field_then_linear(transform: sitk.Transform) -> SpatialTransform | None:
     """The exact :class:`SpatialTransform` of a displacement field applied first, then linear parts
     (a lone field, or a composite whose last added transform is the field); None otherwise."""
-    if transform.GetName() == "CompositeTransform":
-        composite = sitk.CompositeTransform(transform)
-        parts = [composite.GetNthTransform(i) for i in range(composite.GetNumberOfTransforms())]
-    else:
-        parts = [transform]
-    *linear, last = parts
+    *linear, last = _parts(transform)
     if last.GetName() != "DisplacementFieldTransform" or not all(part.IsLinear() for part in linear):
         return None
-    field_image = sitk.DisplacementFieldTransform(last).GetDisplacementField()
-    grid = grid_of_sitk(field_image)
+    field, grid = _field_of(last)
+    return SpatialTransform(_linear_chain(linear), field, grid)
+
+
+def _linear_then_field(transform: sitk.Transform) -> InverseTransform | None:
+    """The exact :class:`InverseTransform` of linear parts applied first, then a displacement field
+    (a composite whose first added transform is the field, followed by at least one linear one,
+    as :func:`inverse_to_sitk_transform` writes); None otherwise."""
+    first, *linear = _parts(transform)
+    if first.GetName() != "DisplacementFieldTransform" or not linear or not all(part.IsLinear() for part in linear):
+        return None
+    field, grid = _field_of(first)
+    return InverseTransform(_linear_chain(linear), field, grid)
+
+
+def _field_of(transform: sitk.Transform) -> tuple[torch.Tensor, Grid]:
+    """The ``(3, D, H, W)`` float32 LPS mm displacement of a DisplacementFieldTransform, and its grid."""
+    field_image = sitk.DisplacementFieldTransform(transform).GetDisplacementField()
     field = torch.movedim(torch.from_numpy(sitk.GetArrayFromImage(field_image)).float(), -1, 0).contiguous()
-    affine = np.eye(4)
-    if linear:
-        chain = sitk.CompositeTransform(3)
-        for part in linear:
-            chain.AddTransform(part)
-        affine = affine_from_sitk(chain)
-    return SpatialTransform(affine, field, grid)
+    return field, grid_of_sitk(field_image)
+
+
+def _linear_chain(linear: list[sitk.Transform]) -> np.ndarray:
+    """The 4x4 LPS matrix of linear transforms in composite order (identity for none)."""
+    if not linear:
+        return np.eye(4)
+    chain = sitk.CompositeTransform(3)
+    for part in linear:
+        chain.AddTransform(part)
+    return affine_from_sitk(chain)
 
 
 def _sample_displacement(transform: sitk.Transform, grid: Grid) -> torch.Tensor:

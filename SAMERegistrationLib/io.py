@@ -8,6 +8,7 @@ geometry exactly (LPS mm, see :mod:`SAMERegistrationLib.spatial.grid`); user fil
 from __future__ import annotations
 
 import functools
+import json
 import os
 import tempfile
 import warnings
@@ -25,6 +26,8 @@ from .spatial.grid import Grid
 from .spatial.warp import resample_image, resample_labels
 
 _MIN_VOXELS_PER_AXIS = 4
+LABEL_NAMES_FILE = "label_names.json"
+"""Names of the labels of the label maps in a folder: a JSON object {"1": "spleen", ...}."""
 
 
 def read_image(path: str | os.PathLike, role: str = "fixed image") -> Image:
@@ -130,6 +133,59 @@ def read_labels(path: str | os.PathLike, image: Image, role: str = "moving label
     return labels
 
 
+def read_label_map(path: str | os.PathLike, role: str = "input labels") -> Image:
+    """Reads a label map on its own grid (non-negative integers), as int64.
+
+    Raises:
+        InputError: unreadable file, or values that are negative or not integers.
+    """
+    volume = _read_volume(path, role)
+    values = sitk.GetArrayFromImage(volume)
+    _check_label_values(values, path, role)
+    return Image(torch.from_numpy(values.astype(np.int64)), grid_of_sitk(volume))
+
+
+def read_grid(path: str | os.PathLike, role: str = "reference image") -> Grid:
+    """The grid (LPS mm) of an image file or DICOM folder, whatever its values.
+
+    Raises:
+        InputError: the file is missing or unreadable or not a single scalar 3-D volume.
+    """
+    return grid_of_sitk(_read_volume(path, role))
+
+
+def read_label_names(path: str | os.PathLike, role: str = "label names") -> dict[int, str]:
+    """Reads a label-name file: a JSON object mapping label values to names, ``{"1": "spleen"}``.
+
+    Raises:
+        InputError: unreadable file, not JSON, or keys that are not non-negative integers or
+            values that are not text.
+    """
+    source = Path(path)
+    try:
+        data = json.loads(source.read_text(encoding="utf-8"))
+    except FileNotFoundError as error:
+        raise InputError(f"{role} {source}: does not exist: check the path") from error
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"{role} {source}: cannot be read as JSON ({error}): give a JSON object such as "
+                         '{"1": "liver", "2": "spleen"}') from error
+    if not isinstance(data, dict) or not all(isinstance(key, str) and key.isdigit() and isinstance(name, str)
+                                             for key, name in data.items()):
+        raise InputError(f"{role} {source}: is not a JSON object of label values and names: give one such as "
+                         '{"1": "liver", "2": "spleen"}')
+    return {int(key): name for key, name in data.items()}
+
+
+def label_names_beside(*label_paths: str | os.PathLike | None) -> dict[int, str]:
+    """The names in the :data:`LABEL_NAMES_FILE` beside the first of ``label_paths`` that has one
+    (files, or DICOM folders whose parent holds it); empty when none has."""
+    for path in label_paths:
+        candidate = None if path is None else Path(path).parent / LABEL_NAMES_FILE
+        if candidate is not None and candidate.is_file():
+            return read_label_names(candidate)
+    return {}
+
+
 def read_mask(path: str | os.PathLike, image: Image, role: str = "fixed mask") -> Image:
     """Reads a mask belonging to ``image``: like :func:`read_labels`, then binarised.
 
@@ -160,6 +216,20 @@ def write_image(image: Image, path: str | os.PathLike, pixel_type: int | None = 
     except RuntimeError as error:
         raise InputError(f"{path}: the image cannot be written: check the file name's extension "
                          "(.nii.gz, .nrrd, .mha) and that its folder exists and is writable") from error
+
+
+def write_labels(labels: Image, path: str | os.PathLike) -> None:
+    """Writes an integer label map in the smallest unsigned type that holds its largest value, so
+    every value is kept exactly (:func:`label_pixel_type`)."""
+    write_image(labels, path, label_pixel_type(int(labels.data.max())))
+
+
+def label_pixel_type(largest: int) -> int:
+    """The smallest unsigned SimpleITK pixel type that holds label values up to ``largest``."""
+    for pixel, bits in ((sitk.sitkUInt8, 8), (sitk.sitkUInt16, 16), (sitk.sitkUInt32, 32)):
+        if largest < 2**bits:
+            return pixel
+    return sitk.sitkUInt64
 
 
 def check_output_directory(path: str | os.PathLike) -> Path:
@@ -276,10 +346,7 @@ def _check_intensities(data: torch.Tensor, path: str | os.PathLike, role: str) -
 # --------------------------------------------------------------------------------------- labels
 def _labels_on_grid(path: str | os.PathLike, image: Image, role: str) -> Image:
     """Reads non-negative integer labels and puts them exactly on ``image.grid``."""
-    volume = _read_volume(path, role)
-    values = sitk.GetArrayFromImage(volume)
-    _check_label_values(values, path, role)
-    labels = Image(torch.from_numpy(values.astype(np.int64)), grid_of_sitk(volume))
+    labels = read_label_map(path, role)
     if labels.grid.same_as(image.grid):
         return Image(labels.data, image.grid)
     if labels.grid.same_voxels_as(image.grid):

@@ -16,13 +16,17 @@ Outputs in MRML (see :class:`NodeRegistration`):
   image's working grid, RAS): it saves as a standard ITK displacement field;
 * the affine part alone as a linear transform node (FromParent);
 * the warped moving volume and the Jacobian determinant map on the fixed volume's grid, the
-  Jacobian with a blue-white-red colour table centred on 1;
+  Jacobian with a blue-white-red colour table centred on 1, folded voxels (J <= 0) in yellow, and
+  NaN outside the fixed body (shown transparent over the fixed volume);
+* every transform node references its fixed and moving volumes (Slicer's spatial-registration
+  node reference roles);
 * the warped segmentation: every segment of the moving segmentation with its name, colour and
   terminology, on the fixed volume's geometry.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -34,21 +38,30 @@ from pathlib import Path
 
 import numpy as np
 
+from .io import LABEL_NAMES_FILE
+from .worker import EXTRA_LABEL_LAYERS, warped_layer_file
 from .spatial.grid import LPS_TO_RAS, Grid
 
 JACOBIAN_COLOR_NODE_NAME = "SAMERegistration Jacobian"
 """Name of the procedural colour node shared by every Jacobian map of a scene."""
+JACOBIAN_FOLDED_RGB = (1.0, 0.85, 0.0)
+"""Colour of folded voxels (J <= 0): yellow, far from every colour of positive J."""
 JACOBIAN_COLOR_POINTS = (
-    (0.0, (0.02, 0.19, 0.38)),
+    (0.0, JACOBIAN_FOLDED_RGB),
+    (0.001, (0.02, 0.19, 0.38)),
     (0.5, (0.26, 0.58, 0.76)),
     (1.0, (0.97, 0.97, 0.97)),
     (1.5, (0.84, 0.38, 0.30)),
     (2.0, (0.40, 0.00, 0.05)),
 )
 """Diverging colour map of the Jacobian determinant: (J, RGB). J = 1 (volume kept) is white,
-compression blue, expansion red; values below 0 (folding) take the darkest blue."""
+compression blue (darkest just above 0), expansion red; J <= 0 (folding) has its own colour."""
 JACOBIAN_WINDOW = (2.0, 1.0)
 """(window, level) of the Jacobian display: J in [0, 2] spans the colour map, 1 at its centre."""
+JACOBIAN_OPACITY = 0.6
+"""Opacity of the Jacobian map shown over the fixed volume."""
+BODY_THRESHOLD_HU = -500.0
+"""Fixed-volume voxels above this are the body (CT): the Jacobian map is shown there only."""
 
 
 # --------------------------------------------------------------------------------------- geometry
@@ -214,17 +227,48 @@ def _temporary_nodes(scene):
 
 @dataclass(frozen=True)
 class SegmentLabel:
-    """One segment written into a label map: its label value and what to restore afterwards."""
+    """One segment written into a label map: its label value, its layer (which of the label maps
+    holds it, see :func:`segmentation_to_label_layers`) and what to restore afterwards."""
 
     value: int
     segment_id: str
     name: str
     color: tuple[float, float, float]
+    layer: int = 0
+
+
+def _segment_masks(segmentation_node, reference_volume, segment_ids: list[str] | None):
+    """Yields ``(segment_id, segment, mask)`` for each segment (default all, in order): ``mask`` a
+    boolean ``[k, j, i]`` array on the reference volume's grid."""
+    import slicer
+    import vtk
+
+    segmentation = segmentation_node.GetSegmentation()
+    ids = list(segment_ids) if segment_ids is not None else [segmentation.GetNthSegmentID(i)
+                                                             for i in range(segmentation.GetNumberOfSegments())]
+    shape = volume_grid(reference_volume).shape
+    scene = segmentation_node.GetScene()
+    with _temporary_nodes(scene):
+        temporary = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__SAMERegistration_temp__")
+        for segment_id in ids:
+            segment = segmentation.GetSegment(segment_id)
+            if segment is None:
+                raise ValueError(f"segmentation_to_labels(): {segmentation_node.GetName()!r} has no segment {segment_id!r}")
+            single = vtk.vtkStringArray()
+            single.InsertNextValue(segment_id)
+            if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+                    segmentation_node, single, temporary, reference_volume):
+                raise RuntimeError(f"segmentation_to_labels(): segment {segment.GetName()!r} cannot be exported")
+            mask = slicer.util.arrayFromVolume(temporary) > 0
+            if mask.shape != shape:
+                raise RuntimeError(f"segmentation_to_labels(): segment {segment.GetName()!r} exported with shape "
+                                   f"{mask.shape}, expected {shape}")
+            yield segment_id, segment, mask
 
 
 def segmentation_to_labels(segmentation_node, reference_volume, segment_ids: list[str] | None = None,
                            values: dict[str, int] | None = None):
-    """Segments of a segmentation node as a label map on a reference volume's grid.
+    """Segments of a segmentation node as one label map on a reference volume's grid.
 
     Args:
         segmentation_node: the segmentation (not modified).
@@ -236,59 +280,69 @@ def segmentation_to_labels(segmentation_node, reference_volume, segment_ids: lis
     Returns:
         ``(labels, table)``: an int64 library :class:`Image` on the reference grid and the
         :class:`SegmentLabel` of each segment. Where segments overlap, the later one wins (a
-        warning says how many voxels).
+        warning says how many voxels); :func:`segmentation_to_label_layers` keeps every segment whole.
     """
-    import slicer
     import torch
-    import vtk
 
     from .image import Image
 
-    segmentation = segmentation_node.GetSegmentation()
-    ids = list(segment_ids) if segment_ids is not None else [segmentation.GetNthSegmentID(i)
-                                                             for i in range(segmentation.GetNumberOfSegments())]
     grid = volume_grid(reference_volume)
     labels = np.zeros(grid.shape, dtype=np.int64)
     table: list[SegmentLabel] = []
     next_value = max(values.values(), default=0) + 1 if values else 1
-    scene = segmentation_node.GetScene()
     overlap = 0
-    with _temporary_nodes(scene):
-        temporary = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__SAMERegistration_temp__")
-        for segment_id in ids:
-            segment = segmentation.GetSegment(segment_id)
-            if segment is None:
-                raise ValueError(f"segmentation_to_labels(): {segmentation_node.GetName()!r} has no segment {segment_id!r}")
-            name = segment.GetName()
-            if values and name in values:
-                value = values[name]
-            else:
-                value, next_value = next_value, next_value + 1
-            single = vtk.vtkStringArray()
-            single.InsertNextValue(segment_id)
-            if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
-                    segmentation_node, single, temporary, reference_volume):
-                raise RuntimeError(f"segmentation_to_labels(): segment {name!r} cannot be exported")
-            mask = slicer.util.arrayFromVolume(temporary) > 0
-            if mask.shape != labels.shape:
-                raise RuntimeError(f"segmentation_to_labels(): segment {name!r} exported with shape {mask.shape}, "
-                                   f"expected {labels.shape}")
-            overlap += int((mask & (labels > 0)).sum())
-            labels[mask] = value
-            table.append(SegmentLabel(value, segment_id, name, tuple(segment.GetColor())))
+    for segment_id, segment, mask in _segment_masks(segmentation_node, reference_volume, segment_ids):
+        name = segment.GetName()
+        if values and name in values:
+            value = values[name]
+        else:
+            value, next_value = next_value, next_value + 1
+        overlap += int((mask & (labels > 0)).sum())
+        labels[mask] = value
+        table.append(SegmentLabel(value, segment_id, name, tuple(segment.GetColor())))
     if overlap:
         warnings.warn(f"segmentation {segmentation_node.GetName()!r}: segments overlap in {overlap} voxels; "
                       "each such voxel is kept in the last segment only", stacklevel=2)
     return Image(torch.from_numpy(labels), grid), table
 
 
-def labels_to_segmentation(labels, table: list[SegmentLabel], segmentation_node, reference_volume,
+def segmentation_to_label_layers(segmentation_node, reference_volume):
+    """Every segment as label values in as few label maps ("layers") as keep them whole: a segment
+    goes into the first layer it does not overlap, so overlapping segments land in different layers.
+
+    Returns:
+        ``(layers, table)``: int64 library :class:`Image` objects on the reference grid (values
+        1, 2, ... unique over all layers) and the :class:`SegmentLabel` of each segment, in order,
+        with its ``layer``.
+    """
+    import torch
+
+    from .image import Image
+
+    grid = volume_grid(reference_volume)
+    layers: list[np.ndarray] = []
+    table: list[SegmentLabel] = []
+    for value, (segment_id, segment, mask) in enumerate(_segment_masks(segmentation_node, reference_volume, None),
+                                                         start=1):
+        layer = next((index for index, existing in enumerate(layers) if not (mask & (existing > 0)).any()), None)
+        if layer is None:
+            layers.append(np.zeros(grid.shape, dtype=np.int64))
+            layer = len(layers) - 1
+        layers[layer][mask] = value
+        table.append(SegmentLabel(value, segment_id, segment.GetName(), tuple(segment.GetColor()), layer))
+    if not layers:
+        layers.append(np.zeros(grid.shape, dtype=np.int64))
+    return [Image(torch.from_numpy(layer), grid) for layer in layers], table
+
+
+def labels_to_segmentation(layers: list, table: list[SegmentLabel], segmentation_node, reference_volume,
                            source_node=None) -> None:
     """Replaces the segments of ``segmentation_node`` by one segment per entry of ``table``.
 
     Args:
-        labels: int library :class:`Image` on ``reference_volume``'s grid.
-        table: which value becomes which segment (name and colour).
+        layers: int library :class:`Image` objects on ``reference_volume``'s grid, one per layer of
+            ``table`` (see :func:`segmentation_to_label_layers`): overlapping segments stay whole.
+        table: which value of which layer becomes which segment (name and colour).
         segmentation_node: the output node; its previous segments are removed.
         reference_volume: the volume that defines the labels' grid (becomes the segmentation's
             reference geometry).
@@ -302,7 +356,6 @@ def labels_to_segmentation(labels, table: list[SegmentLabel], segmentation_node,
         segmentation_node.CreateDefaultDisplayNodes()
     segmentation = segmentation_node.GetSegmentation()
     source = source_node.GetSegmentation() if source_node is not None else None
-    present = [entry for entry in table if bool((labels.data == entry.value).any())]
     with _temporary_nodes(scene):
         colors = scene.AddNewNodeByClass("vtkMRMLColorTableNode", "__SAMERegistration_temp_colors__")
         colors.SetTypeToUser()
@@ -310,24 +363,29 @@ def labels_to_segmentation(labels, table: list[SegmentLabel], segmentation_node,
         colors.SetColor(0, "Background", 0.0, 0.0, 0.0, 0.0)
         for entry in table:  # unique names: segment names may repeat
             colors.SetColor(entry.value, f"__label_{entry.value}", *entry.color, 1.0)
-        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__SAMERegistration_temp__")
-        kept = np.where(np.isin(labels.numpy(), [entry.value for entry in present]), labels.numpy(), 0)
-        slicer.util.updateVolumeFromArray(labelmap, kept.astype(np.uint16))
-        labelmap.SetIJKToRASMatrix(_vtk_matrix(labels.grid.index_to_world_ras()))
-        labelmap.CreateDefaultDisplayNodes()
-        labelmap.GetDisplayNode().SetAndObserveColorNodeID(colors.GetID())
         segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
         segmentation.RemoveAllSegments()
-        if present and not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
-                labelmap, segmentation_node):
-            raise RuntimeError("labels_to_segmentation(): importing the warped labels failed")
+        for index, labels in enumerate(layers):  # one import per layer: each becomes its own binary layer
+            values = labels.numpy()
+            present = [entry.value for entry in table if entry.layer == index and bool((values == entry.value).any())]
+            if not present:
+                continue
+            labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__SAMERegistration_temp__")
+            slicer.util.updateVolumeFromArray(labelmap, np.where(np.isin(values, present), values, 0).astype(np.uint16))
+            labelmap.SetIJKToRASMatrix(_vtk_matrix(labels.grid.index_to_world_ras()))
+            labelmap.CreateDefaultDisplayNodes()
+            labelmap.GetDisplayNode().SetAndObserveColorNodeID(colors.GetID())
+            if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation_node):
+                raise RuntimeError("labels_to_segmentation(): importing the warped labels failed")
     imported = {segmentation.GetNthSegment(i).GetName(): segmentation.GetNthSegmentID(i)
                 for i in range(segmentation.GetNumberOfSegments())}
     for entry in table:  # in the input's order; a segment the warp lost stays, empty
         segment_id = imported.get(f"__label_{entry.value}") or segmentation.AddEmptySegment("", entry.name, entry.color)
         segment = segmentation.GetSegment(segment_id)
         if source is not None and source.GetSegment(entry.segment_id) is not None:
+            value = segment.GetLabelValue()  # metadata includes the source's label value, not this layer's
             segment.DeepCopyMetadata(source.GetSegment(entry.segment_id))
+            segment.SetLabelValue(value)
         else:
             segment.SetName(entry.name)
             segment.SetColor(*entry.color)
@@ -354,13 +412,38 @@ def jacobian_color_node(scene):
 
 
 def show_jacobian(node) -> None:
-    """Displays a Jacobian map with the diverging colour table, J = 1 at its centre."""
+    """Displays a Jacobian map with the diverging colour table, J = 1 at its centre, folded voxels
+    in their own colour; voxels without a value (NaN: outside the body) are transparent, so the
+    map shows over the fixed volume in the body only."""
     if node.GetDisplayNode() is None:
         node.CreateDefaultDisplayNodes()
     display = node.GetDisplayNode()
     display.SetAndObserveColorNodeID(jacobian_color_node(node.GetScene()).GetID())
     display.AutoWindowLevelOff()
     display.SetWindowLevel(*JACOBIAN_WINDOW)
+    display.SetApplyThreshold(True)  # NaN is outside every threshold range: drawn transparent
+    display.SetThreshold(-1e30, 1e30)
+
+
+def jacobian_in_body(jacobian, fixed):
+    """The Jacobian map (library Image on the fixed grid) with NaN outside the fixed image's body
+    mask (:func:`~SAMERegistrationLib.preprocess.body_mask`, as for summary.json's statistics)."""
+    import torch
+
+    from .image import Image
+    from .preprocess import body_mask, looks_like_ct
+
+    body = body_mask(fixed, looks_like_ct(fixed)).data.bool()
+    return Image(torch.where(body, jacobian.data.float(), torch.tensor(float("nan"))), jacobian.grid)
+
+
+def set_registration_references(transform, fixed, moving) -> None:
+    """Records on a transform node which volumes it registers (Slicer's spatial-registration node
+    references, as SlicerElastix and the Transforms module use them)."""
+    import slicer
+
+    transform.SetNodeReferenceID(slicer.vtkMRMLTransformNode.GetFixedNodeReferenceRole(), fixed.GetID())
+    transform.SetNodeReferenceID(slicer.vtkMRMLTransformNode.GetMovingNodeReferenceRole(), moving.GetID())
 
 
 def copy_volume_display(source, target) -> None:
@@ -376,18 +459,20 @@ def copy_volume_display(source, target) -> None:
 
 
 def show_results(scene, fixed, warped=None, transform=None, overlay: bool = True, grid: bool = True,
-                 grid_spacing_mm: float = 15.0, opacity: float = 0.5) -> None:
+                 grid_spacing_mm: float = 15.0, opacity: float = 0.5, jacobian=None) -> None:
     """What a user sees after a registration: the fixed volume in the background of every slice
-    view with the warped volume over it at ``opacity``, and the transform's deformed grid (spacing
-    ``grid_spacing_mm``, over the fixed volume) in the slice views. Either part is optional."""
+    view with the warped volume over it at ``opacity`` (or, with ``jacobian``, the Jacobian map
+    over it at :data:`JACOBIAN_OPACITY`, in the body only), and the transform's deformed grid
+    (spacing ``grid_spacing_mm``, over the fixed volume) in the slice views. Every part is optional."""
     import slicer
 
     if overlay:
+        foreground, alpha = (jacobian, JACOBIAN_OPACITY) if jacobian is not None else (warped, opacity)
         for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
             composite = scene.GetNthNodeByClass(index, "vtkMRMLSliceCompositeNode")
             composite.SetBackgroundVolumeID(fixed.GetID())
-            composite.SetForegroundVolumeID(warped.GetID() if warped is not None else None)
-            composite.SetForegroundOpacity(opacity if warped is not None else 0.0)
+            composite.SetForegroundVolumeID(foreground.GetID() if foreground is not None else None)
+            composite.SetForegroundOpacity(alpha if foreground is not None else 0.0)
     if transform is not None:
         if transform.GetDisplayNode() is None:
             transform.CreateDefaultDisplayNodes()
@@ -410,6 +495,8 @@ class RegistrationInputs:
         fixed_segmentation: optional; segments named like the moving ones are compared (Dice).
         moving_segmentation: optional; warped onto the fixed volume.
         fixed_mask: optional segmentation node; the union of its segments limits the similarity.
+        moving_mask: optional segmentation node on the moving volume; moving voxels outside the
+            union of its segments take no part in the similarity.
         initial_transform: optional transform node mapping fixed to moving (FromParent), e.g. the
             transform a user put the moving volume under to align it by hand.
     """
@@ -419,6 +506,7 @@ class RegistrationInputs:
     fixed_segmentation: object = None
     moving_segmentation: object = None
     fixed_mask: object = None
+    moving_mask: object = None
     initial_transform: object = None
 
 
@@ -451,6 +539,8 @@ class PreparedInputs:
 
     files: dict[str, str]
     segment_table: list[SegmentLabel] = field(default_factory=list)
+    extra_label_layers: list[str] = field(default_factory=list)
+    """Label files of the moving segments that overlap those of ``files["moving_labels"]``."""
     notes: list[str] = field(default_factory=list)
 
 
@@ -490,9 +580,10 @@ def write_inputs(inputs: RegistrationInputs, folder: str | os.PathLike) -> Prepa
         prepared.notes.append(f"moving volume is under {parent.GetName()!r}: used as the initial transform")
     if initial is not None and initial.GetParentTransformNode() is not None:
         raise ValueError(f"initial transform {initial.GetName()!r} is under another transform: harden it first")
-    if inputs.moving_segmentation is not None and inputs.moving_segmentation.GetParentTransformNode() is not parent:
-        raise ValueError(f"moving segmentation {inputs.moving_segmentation.GetName()!r} must be under the same "
-                         "transform as the moving volume (or both under none)")
+    for node, role in ((inputs.moving_segmentation, "moving segmentation"), (inputs.moving_mask, "moving mask")):
+        if node is not None and node.GetParentTransformNode() is not parent:
+            raise ValueError(f"{role} {node.GetName()!r} must be under the same transform as the moving volume "
+                             "(or both under none)")
 
     def write(image, name: str, pixel=None) -> str:
         path = folder / name
@@ -502,19 +593,25 @@ def write_inputs(inputs: RegistrationInputs, folder: str | os.PathLike) -> Prepa
     prepared.files["fixed"] = write(volume_to_image(inputs.fixed), "fixed.nrrd")
     prepared.files["moving"] = write(volume_to_image(inputs.moving), "moving.nrrd")
     if inputs.moving_segmentation is not None:
-        labels, table = segmentation_to_labels(inputs.moving_segmentation, inputs.moving)
+        layers, table = segmentation_to_label_layers(inputs.moving_segmentation, inputs.moving)
         prepared.segment_table = table
-        prepared.files["moving_labels"] = write(labels, "moving_labels.nrrd", sitk.sitkUInt16)
+        prepared.files["moving_labels"] = write(layers[0], "moving_labels.nrrd", sitk.sitkUInt16)
+        # overlapping segments: the worker warps the other layers like the first (worker.py)
+        prepared.extra_label_layers = [write(layer, f"moving_labels_layer{index}.nrrd", sitk.sitkUInt16)
+                                       for index, layer in enumerate(layers[1:], start=1)]
+        # the segment names name the labels of summary.json (read by the backend from beside the labels)
+        (folder / LABEL_NAMES_FILE).write_text(json.dumps({str(entry.value): entry.name for entry in table}))
         if inputs.fixed_segmentation is not None:
             fixed_labels, _ = segmentation_to_labels(inputs.fixed_segmentation, inputs.fixed,
                                                      values={entry.name: entry.value for entry in table})
             prepared.files["fixed_labels"] = write(fixed_labels, "fixed_labels.nrrd", sitk.sitkUInt16)
-    if inputs.fixed_mask is not None:
-        from .image import Image
+    for node, volume, role in ((inputs.fixed_mask, inputs.fixed, "fixed_mask"),
+                               (inputs.moving_mask, inputs.moving, "moving_mask")):
+        if node is not None:
+            from .image import Image
 
-        mask, _ = segmentation_to_labels(inputs.fixed_mask, inputs.fixed)
-        mask = Image((mask.data > 0).long(), mask.grid)
-        prepared.files["fixed_mask"] = write(mask, "fixed_mask.nrrd", sitk.sitkUInt8)
+            mask, _ = segmentation_to_labels(node, volume)
+            prepared.files[role] = write(Image((mask.data > 0).long(), mask.grid), f"{role}.nrrd", sitk.sitkUInt8)
     if initial is not None:
         path = folder / "initial_transform.h5"
         write_transform_node(initial, path)
@@ -528,11 +625,38 @@ def _new_node(scene, class_name: str, name: str):
     return node
 
 
-def load_outputs(outdir: str | os.PathLike, summary: dict, inputs: RegistrationInputs,
-                 outputs: RegistrationOutputs, segment_table: list[SegmentLabel]) -> RegistrationOutputs:
-    """Reads a finished output folder into the output nodes (creating the missing ones).
+@dataclass
+class OutputData:
+    """A finished output folder read into memory (no node touched), ready for :func:`apply_outputs`.
 
-    Nothing is created or changed before every file has been read.
+    Attributes:
+        field_grid: the fixed working grid of ``whole_field``.
+        whole_field: ``(3, D, H, W)`` LPS mm, phi(x) - x of the whole result on ``field_grid``.
+        affine: 4x4 LPS affine part, or None.
+        inverse_grid, inverse_field: the inverse's displacement on a moving-space grid, or None.
+        warped: the warped volume on the fixed grid.
+        jacobian: the Jacobian map on the fixed grid, NaN outside the fixed body.
+        layers: the warped label layers on the fixed grid (see :func:`segmentation_to_label_layers`).
+    """
+
+    field_grid: Grid
+    whole_field: object
+    affine: np.ndarray | None
+    inverse_grid: Grid | None
+    inverse_field: object
+    warped: object
+    jacobian: object
+    layers: list
+
+
+def read_outputs(outdir: str | os.PathLike, summary: dict, fixed, moving_grid: Grid,
+                 segment_table: list[SegmentLabel]) -> OutputData:
+    """Reads a finished output folder (no MRML: safe on a background thread).
+
+    Args:
+        fixed: the fixed volume as a library Image (its grid is the outputs' grid; its voxels give
+            the body the Jacobian map is limited to).
+        moving_grid: the moving volume's grid (the inverse is sampled on it).
     """
     import SimpleITK as sitk
 
@@ -542,7 +666,7 @@ def load_outputs(outdir: str | os.PathLike, summary: dict, inputs: RegistrationI
                           WARPED_LABELS_FILE)
 
     outdir = Path(outdir)
-    fixed_grid = volume_grid(inputs.fixed)
+    fixed_grid = fixed.grid
     field_grid = fixed_grid.with_spacing(float(summary["working_spacing_mm"]))
     # phi(x) - x of the whole result (affine included) at the working grid's voxel centres: exact,
     # because transform.h5 keeps its field on that grid
@@ -550,59 +674,80 @@ def load_outputs(outdir: str | os.PathLike, summary: dict, inputs: RegistrationI
     affine = read_initial_transform(outdir / AFFINE_FILE, field_grid).affine if (outdir / AFFINE_FILE).is_file() else None
     # the inverse (moving -> fixed, an affine then a field) sampled on a moving-space grid as fine
     # as its field
-    inverse_field = None
+    inverse_grid = inverse_field = None
     if (outdir / INVERSE_TRANSFORM_FILE).is_file():
-        inverse_grid = volume_grid(inputs.moving).with_spacing(float(summary["inverse"]["field_spacing_mm"]))
+        inverse_grid = moving_grid.with_spacing(float(summary["inverse"]["field_spacing_mm"]))
         inverse_field = read_initial_transform(outdir / INVERSE_TRANSFORM_FILE, inverse_grid).displacement_on(inverse_grid)
     warped = Image.from_sitk(sitk.ReadImage(str(outdir / WARPED_FILE)))
     jacobian = Image.from_sitk(sitk.ReadImage(str(outdir / JACOBIAN_FILE)))
-    labels = None
+    layers = []
     if segment_table and (outdir / WARPED_LABELS_FILE).is_file():
         import torch
 
-        labels = Image.from_sitk(sitk.ReadImage(str(outdir / WARPED_LABELS_FILE)), dtype=torch.int64)
-    for image, what in ((warped, "warped volume"), (jacobian, "Jacobian map"), (labels, "warped labels")):
-        if image is not None and not image.grid.same_as(fixed_grid):
+        count = max(entry.layer for entry in segment_table) + 1
+        names = [WARPED_LABELS_FILE] + [warped_layer_file(index) for index in range(1, count)]
+        layers = [Image.from_sitk(sitk.ReadImage(str(outdir / name)), dtype=torch.int64) for name in names]
+    for image, what in ((warped, "warped volume"), (jacobian, "Jacobian map"), *((layer, "warped labels") for layer in layers)):
+        if not image.grid.same_as(fixed_grid):
             raise RuntimeError(f"load_outputs(): the {what} is not on the fixed volume's grid")
     # exactly the fixed geometry (the files store it in single precision)
-    warped, jacobian = Image(warped.data, fixed_grid), Image(jacobian.data, fixed_grid)
-    labels = None if labels is None else Image(labels.data, fixed_grid)
+    return OutputData(field_grid, whole_field, affine, inverse_grid, inverse_field, Image(warped.data, fixed_grid),
+                      jacobian_in_body(Image(jacobian.data, fixed_grid), fixed),
+                      [Image(layer.data, fixed_grid) for layer in layers])
 
+
+def apply_outputs(data: OutputData, inputs: RegistrationInputs, outputs: RegistrationOutputs,
+                  segment_table: list[SegmentLabel]) -> RegistrationOutputs:
+    """Puts outputs read by :func:`read_outputs` into the output nodes (creating the missing ones)."""
     scene = inputs.fixed.GetScene()
     moving_name = inputs.moving.GetName()
     result = RegistrationOutputs(**vars(outputs))
     if result.transform is None:
         result.transform = _new_node(scene, "vtkMRMLGridTransformNode", f"{moving_name} registration")
-    set_grid_transform(result.transform, whole_field, field_grid)
-    if result.affine is not None and affine is not None:
-        set_linear_transform(result.affine, affine)
-    if inverse_field is not None:
+    set_grid_transform(result.transform, data.whole_field, data.field_grid)
+    set_registration_references(result.transform, inputs.fixed, inputs.moving)
+    if result.affine is not None and data.affine is not None:
+        set_linear_transform(result.affine, data.affine)
+        set_registration_references(result.affine, inputs.fixed, inputs.moving)
+    if data.inverse_field is not None:
         if result.inverse is None:
             result.inverse = _new_node(scene, "vtkMRMLGridTransformNode", f"{moving_name} registration inverse")
-        set_grid_transform(result.inverse, inverse_field, inverse_grid)
+        set_grid_transform(result.inverse, data.inverse_field, data.inverse_grid)
+        set_registration_references(result.inverse, inputs.moving, inputs.fixed)  # resamples fixed onto moving
     if result.warped is None:
         result.warped = _new_node(scene, "vtkMRMLScalarVolumeNode", f"{moving_name} registered")
-    image_to_volume(warped, result.warped)
+    image_to_volume(data.warped, result.warped)
     copy_volume_display(inputs.moving, result.warped)
     if result.jacobian is None:
         result.jacobian = _new_node(scene, "vtkMRMLScalarVolumeNode", f"{moving_name} Jacobian")
-    image_to_volume(jacobian, result.jacobian)
+    image_to_volume(data.jacobian, result.jacobian)
     show_jacobian(result.jacobian)
-    if labels is not None:
+    if data.layers:
         if result.warped_segmentation is None:
             result.warped_segmentation = _new_node(scene, "vtkMRMLSegmentationNode",
                                                    f"{inputs.moving_segmentation.GetName()} registered")
-        labels_to_segmentation(labels, segment_table, result.warped_segmentation, result.warped,
+        labels_to_segmentation(data.layers, segment_table, result.warped_segmentation, result.warped,
                                source_node=inputs.moving_segmentation)
     return result
+
+
+def load_outputs(outdir: str | os.PathLike, summary: dict, inputs: RegistrationInputs,
+                 outputs: RegistrationOutputs, segment_table: list[SegmentLabel]) -> RegistrationOutputs:
+    """Reads a finished output folder into the output nodes (creating the missing ones), blocking.
+
+    Nothing is created or changed before every file has been read.
+    """
+    data = read_outputs(outdir, summary, volume_to_image(inputs.fixed), volume_grid(inputs.moving), segment_table)
+    return apply_outputs(data, inputs, outputs, segment_table)
 
 
 class NodeRegistration:
     """One registration of MRML nodes run by a worker process.
 
     ``start()`` writes the inputs to a temporary folder and starts the worker; ``poll()`` (from a
-    timer) returns new events and, once the worker has succeeded, loads the outputs into the nodes
-    (so nodes change only when the whole result is there); ``wait()`` blocks until the end;
+    timer) returns new events and, once the worker has succeeded, reads the output files on a
+    background thread and then puts them into the nodes (so the GUI is not blocked by the reading,
+    and nodes change only when the whole result is there); ``wait()`` blocks until the end;
     ``cancel()`` stops the worker: no node is created or changed. The temporary folder is removed
     at the end either way (unless ``keep_files``).
 
@@ -627,6 +772,8 @@ class NodeRegistration:
         self.folder: Path | None = None
         self.worker = None
         self._prepared: PreparedInputs | None = None
+        self._reader = None
+        self._read: OutputData | Exception | None = None
 
     def start(self) -> NodeRegistration:
         from .worker import WorkerProcess
@@ -639,6 +786,8 @@ class NodeRegistration:
             raise
         self.log.extend(self._prepared.notes)
         request = {"overview": False, **self.request, **self._prepared.files, "output_dir": str(self.folder / "outputs")}
+        if self._prepared.extra_label_layers:
+            request[EXTRA_LABEL_LAYERS] = self._prepared.extra_label_layers
         self.worker = WorkerProcess(request, self.folder / "request.json", python=self.python).start()
         self.state = "running"
         return self
@@ -652,7 +801,22 @@ class NodeRegistration:
         the run (outputs loaded, or ``error`` set) and adds a final ``{"event": "finished"}``."""
         if self.state != "running":
             return []
-        events = self.worker.poll()
+        events = self._note(self.worker.poll())
+        if self.worker.finished() and self._reader is None:
+            events += self._note(self.worker.poll())
+            if self.worker.returncode == 0 and self.summary is not None and not self.worker.killed:
+                self._start_reading()
+                events.append({"event": "log", "message": "reading the results"})
+                return events
+            self._finish()
+            events.append({"event": "finished", "state": self.state, "error": self.error})
+        elif self._reader is not None and not self._reader.is_alive():
+            self._finish()
+            events.append({"event": "finished", "state": self.state, "error": self.error})
+        return events
+
+    def _note(self, events: list[dict]) -> list[dict]:
+        """Keeps what the run needs from the worker's events (summary, error, log); returns them."""
         for event in events:
             kind = event.get("event")
             if kind == "summary":
@@ -661,10 +825,6 @@ class NodeRegistration:
                 self.error, self.error_kind = event.get("message"), event.get("kind")
             elif kind in ("log", "warning"):
                 self.log.append(event.get("message", ""))
-        if self.worker.finished():
-            events += self.worker.poll()
-            self._finish()
-            events.append({"event": "finished", "state": self.state, "error": self.error})
         return events
 
     def wait(self, timeout: float | None = None, on_event=None) -> RegistrationOutputs:
@@ -699,13 +859,30 @@ class NodeRegistration:
         self.error, self.error_kind = "registration cancelled", "cancelled"
         self._cleanup()
 
+    def _start_reading(self) -> None:
+        """Reads the output files on a thread (the GUI stays responsive); poll() applies them."""
+        import threading
+
+        fixed, moving_grid = volume_to_image(self.inputs.fixed), volume_grid(self.inputs.moving)
+
+        def read() -> None:
+            try:
+                self._read = read_outputs(self.folder / "outputs", self.summary, fixed, moving_grid,
+                                          self._prepared.segment_table)
+            except Exception as error:  # noqa: BLE001 - reported as the run's error by _finish
+                self._read = error
+
+        self._reader = threading.Thread(target=read, daemon=True, name="SAMERegistration-outputs")
+        self._reader.start()
+
     def _finish(self) -> None:
         try:
             if self.worker.killed:
                 self.state = "cancelled"
             elif self.worker.returncode == 0 and self.summary is not None:
-                self.result = load_outputs(self.folder / "outputs", self.summary, self.inputs, self.outputs,
-                                           self._prepared.segment_table)
+                if isinstance(self._read, Exception):
+                    raise self._read
+                self.result = apply_outputs(self._read, self.inputs, self.outputs, self._prepared.segment_table)
                 self.state = "completed"
             else:
                 self.state = "cancelled" if self.error_kind == "cancelled" else "failed"

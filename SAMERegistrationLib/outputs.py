@@ -22,10 +22,11 @@ import torch
 
 from .export import write_affine, write_displacement_field, write_transform
 from .image import Image
-from .io import write_image
+from .io import write_image, write_labels
 from .output_folder import commit, staging_folder
 from .preprocess import CT_AIR_HU
 from .metrics import dice_per_label, shared_labels
+from .spatial.grid import Grid
 from .spatial.jacobian import jacobian_determinant, jacobian_statistics
 from .spatial.transform import InverseTransform, SpatialTransform
 from .spatial.warp import LabelMethod, resample_image, resample_labels
@@ -67,12 +68,17 @@ def compute_result_images(fixed: Image, moving: Image, transform: SpatialTransfo
                           ) -> ResultImages:
     """Warps the moving image (and labels) and computes the displacement and Jacobian maps (CPU)."""
     transform = transform.to("cpu")
-    fill = min(CT_AIR_HU, float(moving.data.min()))
-    warped = resample_image(moving, fixed.grid, transform, fill=fill)
+    warped = warp_image(moving, fixed.grid, transform)
     displacement = transform.displacement_on(fixed.grid)
     jacobian = jacobian_determinant(displacement, fixed.grid)
     labels = None if moving_labels is None else resample_labels(moving_labels, fixed.grid, transform, label_method)
     return ResultImages(warped, displacement, jacobian, labels)
+
+
+def warp_image(moving: Image, target: Grid, transform: SpatialTransform | InverseTransform) -> Image:
+    """``moving`` resampled (linear) at ``transform(x)`` for the voxels ``x`` of ``target``; points
+    outside it take air (-1024 HU) or its minimum, whichever is lower."""
+    return resample_image(moving, target, transform, fill=min(CT_AIR_HU, float(moving.data.min())))
 
 
 @dataclass(frozen=True)
@@ -107,14 +113,20 @@ def inverse_consistency_summary(transform: SpatialTransform, inverse: InverseTra
             "max_mm": round(float(error.max()), 4), "points": int(error.numel())}
 
 
-def label_summary(fixed_labels: Image, moving_labels: Image, warped_labels: Image, unregistered_labels: Image) -> dict:
+def label_summary(fixed_labels: Image, moving_labels: Image, warped_labels: Image, unregistered_labels: Image,
+                  names: dict[int, str] | None = None) -> dict:
     """Dice per label over the labels present in both the fixed and the moving maps (0 for a label
-    the warp lost), their mean, and the mean before registration (plain physical-space resampling)."""
+    the warp lost), their mean, and the mean before registration (plain physical-space resampling).
+
+    With ``names`` (label value -> name), ``label_names`` gives the name of each compared label
+    that has one."""
     labels = shared_labels(fixed_labels.data, moving_labels.data)
     per_label = dice_per_label(fixed_labels.data, warped_labels.data, labels)
     before = dice_per_label(fixed_labels.data, unregistered_labels.data, labels)
+    named = {str(k): names[k] for k in per_label if k in (names or {})}
     return {
         "per_label": {str(k): round(v, 4) for k, v in per_label.items()},
+        **({"label_names": named} if named else {}),
         "mean": round(sum(per_label.values()) / len(per_label), 4) if per_label else float("nan"),
         "labels_compared": len(per_label),
         "mean_before_registration": round(sum(before.values()) / len(before), 4) if before else float("nan"),
@@ -130,9 +142,13 @@ def jacobian_summary(jacobian: torch.Tensor, region: Image) -> dict:
 def write_output_folder(outdir: Path, fixed: Image, moving: Image, transform: SpatialTransform,
                         images: ResultImages, summary: dict, has_affine_stage: bool,
                         fixed_labels: Image | None = None, overview: bool = True,
-                        inverse: InverseImages | None = None) -> dict[str, str]:
+                        inverse: InverseImages | None = None, label_names: dict[int, str] | None = None,
+                        body: Image | None = None) -> dict[str, str]:
     """Writes every output file into ``outdir`` (created and locked by the caller, see
     :func:`.output_folder.locked_output_folder`) and returns {kind: path}.
+
+    ``label_names`` (label value -> name) name the labels of the overview; ``body`` (a binary image
+    on the fixed grid, as used for the summary's Jacobian numbers) is the region of its folding figure.
 
     With ``inverse`` (modes with an inverse), ``inverse_transform.h5`` and
     ``inverse_jacobian.nii.gz`` (on the moving grid) are written too.
@@ -157,15 +173,15 @@ def write_output_folder(outdir: Path, fixed: Image, moving: Image, transform: Sp
             files["inverse_transform"] = INVERSE_TRANSFORM_FILE
             files["inverse_jacobian"] = INVERSE_JACOBIAN_FILE
         if images.warped_labels is not None:
-            write_image(images.warped_labels, staging / WARPED_LABELS_FILE,
-                        label_pixel_type(int(images.warped_labels.data.max())))
+            write_labels(images.warped_labels, staging / WARPED_LABELS_FILE)
             files["warped_labels"] = WARPED_LABELS_FILE
         if overview:
             from .overview import render_overview
 
             render_overview(staging / OVERVIEW_FILE, fixed, moving, images.warped, images.displacement,
                             images.jacobian, title=_overview_title(summary),
-                            fixed_labels=fixed_labels, warped_labels=images.warped_labels)
+                            fixed_labels=fixed_labels, warped_labels=images.warped_labels,
+                            label_names=label_names, body=body)
             files["overview"] = OVERVIEW_FILE
         summary["files"] = dict(files)
         (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
@@ -173,19 +189,11 @@ def write_output_folder(outdir: Path, fixed: Image, moving: Image, transform: Sp
     return {kind: str(outdir / name) for kind, name in files.items()}
 
 
-def label_pixel_type(largest: int) -> int:
-    """The smallest unsigned SimpleITK pixel type that holds label values up to ``largest``."""
-    for pixel, bits in ((sitk.sitkUInt8, 8), (sitk.sitkUInt16, 16), (sitk.sitkUInt32, 32)):
-        if largest < 2**bits:
-            return pixel
-    return sitk.sitkUInt64
-
-
 def _overview_title(summary: dict) -> str:
     parts = [f"mode {summary.get('mode', '?')}", f"{summary.get('registration_seconds', 0):.1f} s"]
     jac = summary.get("jacobian", {})
-    if jac:
-        parts.append(f"J<=0 {jac['percent_nonpositive']:.3f}%  std(J) {jac['std_jacobian']:.3f}")
+    if jac:  # its % J <= 0 is in the caption (one folding figure, computed in the same region)
+        parts.append(f"std(J) {jac['std_jacobian']:.3f}")
     dice = summary.get("dice")
     if dice:
         parts.append(f"mean Dice {dice['mean_before_registration']:.3f} -> {dice['mean']:.3f} ({dice['labels_compared']} labels)")

@@ -24,6 +24,7 @@ import torch
 
 from .image import Image
 from .spatial.grid import Grid
+from .spatial.jacobian import jacobian_statistics
 from .spatial.sampling import sample_at_points
 from .spatial.warp import resample_image
 
@@ -87,7 +88,8 @@ class _View:
 
 def render_overview(path, fixed: Image, moving: Image, warped: Image, displacement: torch.Tensor,
                     jacobian: torch.Tensor, title: str = "", fixed_labels: Image | None = None,
-                    warped_labels: Image | None = None) -> None:
+                    warped_labels: Image | None = None, label_names: dict[int, str] | None = None,
+                    body: Image | None = None) -> list[str]:
     """Writes a PNG summarising a registration (about 1440 x 720 pixels).
 
     Args:
@@ -101,11 +103,18 @@ def render_overview(path, fixed: Image, moving: Image, warped: Image, displaceme
         fixed_labels, warped_labels: optional label maps (any grid; ``warped_labels`` normally on
             ``fixed.grid``); when both are given a few labels are outlined on the "after" panel,
             fixed solid and warped dashed.
+        label_names: label value -> name for the legend (unnamed labels read "label N").
+        body: binary image on ``fixed.grid``: the region of the figure's one folding number (% of
+            voxels with J <= 0), as in summary.json; None: the whole fixed grid.
+
+    Returns:
+        every text drawn on the figure (titles, legend entries, caption), in drawing order.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import TwoSlopeNorm
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
+    from matplotlib.text import Text
 
     grid = fixed.grid
     if warped.grid.shape != grid.shape:
@@ -121,7 +130,7 @@ def render_overview(path, fixed: Image, moving: Image, warped: Image, displaceme
 
     views = _choose_views(fixed)
     overlap = _fields_overlap(grid, moving.grid)
-    numbers = _summary_numbers(displacement, jacobian)
+    numbers = _summary_numbers(displacement, jacobian, body)
     low, high = _jacobian_percentiles(jacobian)
     norm = TwoSlopeNorm(vcenter=1.0, vmin=min(0.5, low), vmax=max(1.5, high))
     draw_labels = fixed_labels is not None and warped_labels is not None
@@ -156,7 +165,7 @@ def render_overview(path, fixed: Image, moving: Image, warped: Image, displaceme
         ax = axes[row, 1]
         ax.imshow(_overlay(fixed_hu, warped_hu), extent=extent, interpolation="nearest")
         if draw_labels:
-            handles = _draw_labels(ax, view, fixed_labels, warped_labels, columns, rows, Line2D)
+            handles = _draw_labels(ax, view, fixed_labels, warped_labels, columns, rows, Line2D, label_names or {})
             if handles:
                 ax.legend(handles=handles, loc="lower right", fontsize=6, framealpha=0.5,
                           handlelength=1.5, borderpad=0.3, labelspacing=0.2)
@@ -194,8 +203,7 @@ def render_overview(path, fixed: Image, moving: Image, warped: Image, displaceme
             outline = np.where(inside, np.nan_to_num(jac_plane, nan=1.0), 1.0)
             ax.contour(columns, rows, outline, levels=[0.0], colors=_FOLD_COLOUR, linewidths=1.2,
                        linestyles="solid")
-        ax.set_title(f"Jacobian determinant (J \u2264 0: {_percent(numbers['folded_percent'])} of voxels)",
-                     fontsize=10)
+        ax.set_title("Jacobian determinant (black: J \u2264 0, folded)", fontsize=10)
         colourbar = figure.colorbar(image, ax=ax, fraction=0.046, pad=0.02)
         colourbar.ax.tick_params(labelsize=7)
         colourbar.set_label("J (1 = volume kept, black = folded)", fontsize=8)
@@ -213,11 +221,12 @@ def render_overview(path, fixed: Image, moving: Image, warped: Image, displaceme
     caption = (f"fixed {_describe(grid)}  |  moving {_describe(moving.grid)}  |  "
                f"|u| mean {numbers['mean_mm']:.1f} mm, max {numbers['max_mm']:.1f} mm  |  "
                f"J min {numbers['jac_min']:.2f}, max {numbers['jac_max']:.2f}, "
-               f"J \u2264 0: {_percent(numbers['folded_percent'])}"
+               f"J \u2264 0: {_percent(numbers['folded_percent'])} {numbers['folded_region']}"
                + ("" if overlap else "  |  no physical overlap before registration"))
     figure.suptitle(f"{title}\n{caption}" if title else caption, fontsize=11)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(str(path), dpi=90)
+    return [text.get_text() for text in figure.findobj(Text) if text.get_text()]
 
 
 # --------------------------------------------------------------------------------- geometry
@@ -347,7 +356,8 @@ def _orientation_letters(ax, view: _View) -> None:
     ax.text(0.5, 0.01, view.letter(view.down), ha="center", va="bottom", **style)
 
 
-def _draw_labels(ax, view: _View, fixed_labels: Image, warped_labels: Image, columns, rows, line_class) -> list:
+def _draw_labels(ax, view: _View, fixed_labels: Image, warped_labels: Image, columns, rows, line_class,
+                 names: dict[int, str]) -> list:
     """Outlines the largest labels of this slice: fixed solid, warped dashed. Returns legend handles."""
     fixed_plane = np.rint(_resample_plane(fixed_labels, view, "nearest", 0.0)).astype(np.int64)
     warped_plane = np.rint(_resample_plane(warped_labels, view, "nearest", 0.0)).astype(np.int64)
@@ -360,7 +370,7 @@ def _draw_labels(ax, view: _View, fixed_labels: Image, warped_labels: Image, col
             mask = (plane == value).astype(float)
             if 0 < mask.sum() < mask.size:
                 ax.contour(columns, rows, mask, levels=[0.5], colors=[colour], linewidths=0.9, linestyles=style)
-        handles.append(line_class([], [], color=colour, lw=1.2, label=f"label {value}"))
+        handles.append(line_class([], [], color=colour, lw=1.2, label=names.get(value, f"label {value}")))
     return handles
 
 
@@ -380,7 +390,10 @@ def _jacobian_percentiles(jacobian: torch.Tensor, max_values: int = 2_000_000) -
     return float(np.percentile(values, 1)), float(np.percentile(values, 99))
 
 
-def _summary_numbers(displacement: torch.Tensor, jacobian: torch.Tensor) -> dict:
+def _summary_numbers(displacement: torch.Tensor, jacobian: torch.Tensor, body: Image | None) -> dict:
+    """|u| mean and max (mm), J min and max over the fixed grid, and % J <= 0 inside ``body`` (the
+    whole grid without one) computed as summary.json's (:func:`jacobian_statistics`)."""
+    region = None if body is None else body.data.to(jacobian.device) > 0
     squared = displacement[0] * displacement[0]  # (norm(dim=0) is slow on large CPU fields)
     squared.addcmul_(displacement[1], displacement[1]).addcmul_(displacement[2], displacement[2])
     magnitude = squared.sqrt_()
@@ -389,7 +402,8 @@ def _summary_numbers(displacement: torch.Tensor, jacobian: torch.Tensor) -> dict
         "max_mm": float(magnitude.max()),
         "jac_min": float(jacobian.min()),
         "jac_max": float(jacobian.max()),
-        "folded_percent": 100.0 * int((jacobian <= 0).sum()) / max(1, jacobian.numel()),
+        "folded_percent": jacobian_statistics(jacobian, region).percent_nonpositive,
+        "folded_region": "of the fixed grid" if body is None else "in the body",
     }
 
 

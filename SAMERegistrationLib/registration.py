@@ -22,7 +22,8 @@ from .errors import InputError, RegistrationCancelled, RegistrationFailed
 from .export import read_initial_transform
 from .image import Image
 from .learning.objective import parse_similarity
-from .io import ImageHeader, check_output_directory, read_header, read_image, read_labels, read_mask
+from .io import (ImageHeader, check_output_directory, label_names_beside, read_header, read_image, read_label_names,
+                 read_labels, read_mask)
 from .modes import DEFAULT_MODE, REFINING_MODES, TVF_MODES, ModeSettings, build_pipeline
 from .output_folder import check_inputs_outside, locked_output_folder
 from .outputs import (OUTPUT_FILES, compute_inverse_images, compute_result_images, inverse_consistency_summary,
@@ -51,7 +52,11 @@ voxel measured with ``PeakMemory`` around ``compute_inverse_images`` on a 160x25
 
 @dataclass(frozen=True)
 class RegistrationRequest:
-    """What a user asks for. Paths are files (or a DICOM folder for images); optional ones may be None."""
+    """What a user asks for. Paths are files (or a DICOM folder for images); optional ones may be None.
+
+    ``label_names`` is a JSON file naming the label values (see :func:`read_label_names`); without
+    it, the ``label_names.json`` beside the moving (else the fixed) label map is used when there is one.
+    """
 
     fixed: str | os.PathLike
     moving: str | os.PathLike
@@ -59,7 +64,9 @@ class RegistrationRequest:
     mode: str = DEFAULT_MODE
     moving_labels: str | os.PathLike | None = None
     fixed_labels: str | os.PathLike | None = None
+    label_names: str | os.PathLike | None = None
     fixed_mask: str | os.PathLike | None = None
+    moving_mask: str | os.PathLike | None = None
     initial_transform: str | os.PathLike | None = None
     sam_weights: str | os.PathLike | None = None
     vm_weights: str | os.PathLike | None = None
@@ -131,7 +138,9 @@ class LoadedInputs:
     moving_labels: Image | None
     fixed_labels: Image | None
     fixed_mask: Image | None
+    moving_mask: Image | None
     initial: SpatialTransform | None
+    label_names: dict[int, str]
 
 
 def load_inputs(request: RegistrationRequest) -> LoadedInputs:
@@ -147,7 +156,10 @@ def load_inputs(request: RegistrationRequest) -> LoadedInputs:
         moving_labels=None if request.moving_labels is None else read_labels(request.moving_labels, moving, "moving labels"),
         fixed_labels=None if request.fixed_labels is None else read_labels(request.fixed_labels, fixed, "fixed labels"),
         fixed_mask=None if request.fixed_mask is None else read_mask(request.fixed_mask, fixed, "fixed mask"),
+        moving_mask=None if request.moving_mask is None else read_mask(request.moving_mask, moving, "moving mask"),
         initial=initial,
+        label_names=(label_names_beside(request.moving_labels, request.fixed_labels) if request.label_names is None
+                     else read_label_names(request.label_names)),
     )
 
 
@@ -175,7 +187,8 @@ def _register(request: RegistrationRequest, inputs: LoadedInputs, pipeline: Regi
     """The registration proper and its outputs, once every input has been read and checked."""
     options = request.options
     fixed, moving = inputs.fixed, inputs.moving
-    problem = RegistrationProblem(fixed, moving, inputs.fixed_mask, options, device)
+    problem = RegistrationProblem(fixed, moving, fixed_mask=inputs.fixed_mask, options=options, device=device,
+                                  moving_mask=inputs.moving_mask)
     result = pipeline.run(problem, inputs.initial, on_progress, cancel)
     registration_seconds = time.perf_counter() - started
 
@@ -191,6 +204,8 @@ def _register(request: RegistrationRequest, inputs: LoadedInputs, pipeline: Regi
         "working_spacing_mm": options.spacing,
         "fixed_grid": fixed.grid.describe(),
         "moving_grid": moving.grid.describe(),
+        **{f"{role}_mask": str(path) for role, path in (("fixed", request.fixed_mask), ("moving", request.moving_mask))
+           if path is not None},
         "stages": [{"name": r.name, "seconds": round(r.seconds, 3), "peak_host_memory_mib": round(r.host_peak_mib, 1),
                     "peak_cuda_memory_mib": None if r.cuda_peak_mib is None else round(r.cuda_peak_mib, 1),
                     "details": r.details} for r in result.stages],
@@ -211,13 +226,14 @@ def _register(request: RegistrationRequest, inputs: LoadedInputs, pipeline: Regi
             "consistency": inverse_consistency_summary(result.transform, inverse, problem.fixed_body_mask())}
     if inputs.fixed_labels is not None and images.warped_labels is not None:
         unregistered = resample_labels(inputs.moving_labels, fixed.grid, None, request.label_method)
-        summary["dice"] = label_summary(inputs.fixed_labels, inputs.moving_labels, images.warped_labels, unregistered)
+        summary["dice"] = label_summary(inputs.fixed_labels, inputs.moving_labels, images.warped_labels, unregistered,
+                                        inputs.label_names)
     if cancel is not None and cancel.is_set():
         raise RegistrationCancelled("registration cancelled before writing outputs")
     summary["files"] = write_output_folder(outdir, fixed, moving, result.transform, images, summary,
                                            has_affine_stage=any("affine" in r.name for r in result.stages),
                                            fixed_labels=inputs.fixed_labels, overview=request.overview,
-                                           inverse=inverse_images)
+                                           inverse=inverse_images, label_names=inputs.label_names, body=body)
     return summary
 
 

@@ -16,6 +16,11 @@ by killing a process tree. Both ends of the protocol live in this file:
   - ``{"event": "error", "kind": "input" | "cancelled" | "failed" | "internal", "message": ...}``
     (``failed``: the result was unusable, e.g. NaN; ``internal``: a bug, traceback on stderr)
 
+  A request may also hold ``extra_moving_labels``: more label files on the moving grid (the
+  segments of a Slicer segmentation that overlap those of ``moving_labels``); each is warped like
+  ``moving_labels`` (same transform and label interpolation, as ``same-apply`` does) into
+  ``warped_labels_layer<N>.nii.gz`` (N = 1, 2, ...) of the output folder.
+
   Exit code 0 after a summary, 2 for bad input, 3 when cancelled, 1 for anything else. Anything
   else the process prints goes to stderr. With ``--stdin-control`` a line ``cancel`` on stdin, or
   stdin closing (the parent died), cancels the run cleanly; so does SIGTERM (or Ctrl-C).
@@ -42,6 +47,8 @@ EXIT_OK = 0
 EXIT_INTERNAL_ERROR = 1
 EXIT_BAD_INPUT = 2
 EXIT_CANCELLED = 3
+EXTRA_LABEL_LAYERS = "extra_moving_labels"
+"""Request field: label files warped like ``moving_labels`` (see the module docstring)."""
 _PROGRESS_INTERVAL_S = 0.1
 """Progress events of one stage are sent at most this often (a stage's first and last always)."""
 TERMINATE_GRACE_S = 5.0
@@ -73,6 +80,11 @@ class _Emitter:
         self.emit("progress", stage=progress_event.stage, stage_index=progress_event.stage_index,
                   stage_count=progress_event.stage_count, fraction=round(float(progress_event.fraction), 5),
                   overall_fraction=round(float(progress_event.overall_fraction), 5), message=progress_event.message)
+
+
+def warped_layer_file(index: int) -> str:
+    """The output file of the ``index``-th (1, 2, ...) extra label layer."""
+    return f"warped_labels_layer{index}.nii.gz"
 
 
 def request_from_dict(data: dict):
@@ -152,13 +164,23 @@ def _register(args, emitter: _Emitter, cancel: threading.Event) -> int:
         from .registration import register_files
 
         try:
-            request = request_from_dict(json.loads(Path(args.request).read_text(encoding="utf-8")))
+            data = json.loads(Path(args.request).read_text(encoding="utf-8"))
+            extra_layers = list(data.pop(EXTRA_LABEL_LAYERS, None) or [])
+            request = request_from_dict(data)
         except (OSError, ValueError) as error:
             if isinstance(error, InputError):
                 raise
             raise InputError(f"request {args.request}: cannot be read as JSON ({error})") from error
         emitter.emit("started", pid=os.getpid(), device=request.device, mode=request.mode)
         summary = register_files(request, emitter.progress, cancel)
+        if extra_layers:
+            from .apply import apply_transform
+
+            for index, layer in enumerate(extra_layers, start=1):
+                name = warped_layer_file(index)
+                apply_transform(summary["files"]["transform"], layer, request.fixed,
+                                Path(request.output_dir) / name, request.label_method)
+                summary["files"][f"warped_labels_layer{index}"] = str(Path(request.output_dir) / name)
     except InputError as error:
         emitter.emit("error", kind="input", message=str(error))
         return EXIT_BAD_INPUT

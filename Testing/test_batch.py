@@ -182,7 +182,7 @@ def test_bad_pairs_file_is_a_one_line_error(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip() == (f"same-register-batch: error: PAIRS {tmp_path / 'pairs.csv'}: no column moving: "
                                    "the first line must name the columns, e.g. fixed,moving (optional: "
-                                   "moving_labels, fixed_labels, fixed_mask, id)")
+                                   "moving_labels, fixed_labels, fixed_mask, moving_mask, id)")
     assert not (tmp_path / "out").exists()
 
 
@@ -199,6 +199,7 @@ def test_pairs_resolve_relative_to_the_csv_and_name_themselves(tmp_path):
     assert pairs[0].fixed == tmp_path / "lists" / "scans" / "s1.nii.gz"
     assert pairs[0].moving == tmp_path / "lists" / "atlas.nii.gz"
     assert pairs[0].fixed_labels is None and pairs[1].fixed_labels == Path("/data/s2_labels.nrrd")
+    assert pairs[0].moving_mask is None
     assert [pair.line for pair in pairs] == [2, 4]
 
 
@@ -207,9 +208,8 @@ def test_pairs_resolve_relative_to_the_csv_and_name_themselves(tmp_path):
     ("fixed,moving\natlas,s1.nii.gz\natlas,s1.nii.gz\n", "lines 2, 3 have the same id 'atlas__s1'"),
     ("fixed,moving,id\na,b,../x\n", "line 2: id '../x' is not a plain folder name"),
     ("fixed,moving\na,\n", "line 2: the moving cell is empty: give the moving image's path"),
-    ("fixed,moving,moving_mask\na,b,c\n", "column moving_mask: registrations take a fixed mask only"),
     ("fixed,moving,weight\na,b,1\n", "unknown column weight: use fixed, moving, moving_labels, fixed_labels, "
-                                     "fixed_mask, id"),
+                                     "fixed_mask, moving_mask, id"),
     ("fixed,moving\n", "holds no pairs"),
 ])
 def test_bad_pairs_files_name_the_problem(tmp_path, text, message):

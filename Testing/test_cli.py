@@ -42,7 +42,7 @@ from SAMERegistrationLib.preprocess import body_mask
 from SAMERegistrationLib.registration import RegistrationRequest, register_files
 from SAMERegistrationLib.spatial.warp import resample_labels
 from SAMERegistrationLib.synthetic import SyntheticPair, make_synthetic_pair
-from sample_cases import small_torso, threshold_labels
+from sample_cases import LABEL_NAMES, small_torso, threshold_labels
 
 REPO = Path(__file__).resolve().parent.parent
 TORSO = REPO / "Resources" / "SampleData" / "patientA_torso_ct.nii.gz"
@@ -90,6 +90,7 @@ def inputs(tmp_path_factory) -> Inputs:
     write_image(pair.moving, paths["moving"])
     write_image(labels, paths["fixed_labels"], sitk.sitkUInt8)
     write_image(moving_labels, paths["moving_labels"], sitk.sitkUInt8)
+    (folder / "label_names.json").write_text(json.dumps({str(k): v for k, v in LABEL_NAMES.items()}))
     initial = folder / "initial.tfm"
     write_affine(np.linalg.inv(pair.psi.affine), initial)  # psi.affine is moving -> fixed
     body = body_mask(fixed, True).data.bool()
@@ -225,6 +226,8 @@ def test_summary_reports_stages_jacobian_and_dice(registered, inputs):
     assert all(0.0 <= value <= 1.0 for value in dice["per_label"].values())
     assert dice["mean"] == pytest.approx(np.mean(list(dice["per_label"].values())), abs=1e-3)
     assert dice["mean"] > dice["mean_before_registration"]
+    # names from the label_names.json beside the label maps
+    assert dice["label_names"] == {"1": "bone", "2": "soft tissue"}
     assert set(summary["files"]) >= {"transform", "affine", "displacement", "warped", "jacobian",
                                      "warped_labels", "summary", "overview"}
     # the Dice in the summary is the Dice of the written warped labels
@@ -331,7 +334,13 @@ def _bad_initial_transform(folder: Path, inputs: Inputs) -> tuple[list[str], Pat
     return [str(inputs.fixed), str(inputs.moving), "--initial-transform", str(path)], path
 
 
+def _empty_moving_mask(folder: Path, inputs: Inputs) -> tuple[list[str], Path]:
+    path = _with_values(folder, inputs, "empty_mask.nii.gz", lambda a: a.fill(0.0))
+    return [str(inputs.fixed), str(inputs.moving), "--moving-mask", str(path)], path
+
+
 BAD_INPUTS = {
+    "empty moving mask": (_empty_moving_mask, "moving mask"),
     "unreadable file": (_garbage, "cannot be read"),
     "missing file": (_missing, "does not exist"),
     "2-D image": (_two_d, "2-D"),
@@ -392,14 +401,36 @@ def test_cuda_without_a_gpu_is_a_bad_input(inputs, tmp_path, capfd):
     assert result_entries(outdir) == []
 
 
-def test_unknown_mode_is_rejected_by_the_parser(inputs, tmp_path, capfd):
+BAD_COMMAND_LINES = {
+    "unknown mode": (["FIXED", "MOVING", "-o", "OUT", "--mode", "bogus"], ("--mode", "bogus")),
+    "missing -o": (["FIXED", "MOVING"], ("-o/--output", "required")),
+    "missing moving image": (["FIXED", "-o", "OUT"], ("moving", "required")),
+    "unknown option": (["FIXED", "MOVING", "-o", "OUT", "--iterations", "5"], ("unrecognized arguments", "--iterations")),
+    "threads not a number": (["FIXED", "MOVING", "-o", "OUT", "--threads", "two"], ("--threads", "'two'")),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_COMMAND_LINES))
+def test_bad_command_line_exits_2_with_one_line(case, inputs, tmp_path, capfd):
+    """argparse's errors take the same one-line form as bad files (no usage block)."""
+    template, expected = BAD_COMMAND_LINES[case]
     outdir = tmp_path / "results"
+    values = {"FIXED": str(inputs.fixed), "MOVING": str(inputs.moving), "OUT": str(outdir)}
     with pytest.raises(SystemExit) as exit_info:
-        main([str(inputs.fixed), str(inputs.moving), "-o", str(outdir), "--mode", "bogus"])
+        main([values.get(item, item) for item in template])
     assert exit_info.value.code == EXIT_BAD_INPUT
-    last = capfd.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("same-register: error:") and "--mode" in last and "bogus" in last
+    line = assert_one_error_line(capfd.readouterr().err, *expected)
+    assert line.endswith(": see 'same-register --help'")
     assert not outdir.exists()
+
+
+def test_version_prints_the_package_version(capfd):
+    import SAMERegistrationLib
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capfd.readouterr().out.strip() == f"same-register {SAMERegistrationLib.__version__}"
 
 
 def test_output_path_that_is_a_file_is_refused_and_inputs_are_untouched(inputs, tmp_path, capfd):

@@ -24,6 +24,7 @@ from SAMERegistrationLib import mrml
 from SAMERegistrationLib.export import read_initial_transform, write_affine
 from SAMERegistrationLib.image import Image
 from SAMERegistrationLib.metrics import dice_per_label
+from SAMERegistrationLib.preprocess import body_mask, looks_like_ct
 from SAMERegistrationLib.outputs import DISPLACEMENT_FILE, JACOBIAN_FILE, TRANSFORM_FILE, WARPED_LABELS_FILE
 from SAMERegistrationLib.spatial.grid import Grid
 from SAMERegistrationLib.spatial.warp import resample_image
@@ -263,7 +264,12 @@ def test_registration_of_nodes_completes_and_leaves_inputs_untouched(registered)
     progress = [e["overall_fraction"] for e in registered.events if e["event"] == "progress"]
     assert progress and progress == sorted(progress) and progress[-1] == 1.0
     assert registered.events[-1] == {"event": "finished", "state": "completed", "error": None}
+    # the output files are read on a background thread after the worker ended, then put into nodes
+    kinds = [(e["event"], e.get("message")) for e in registered.events]
+    assert kinds.index(("log", "reading the results")) == len(kinds) - 2
+    assert registered.run._reader is not None and not registered.run._reader.is_alive()
     dice = registered.run.summary["dice"]
+    assert dice["label_names"] == {"1": "bone", "2": "soft tissue"}  # the segment names
     print(f"\nnode registration {registered.seconds:.1f} s; mean Dice {dice['mean_before_registration']:.3f} -> "
           f"{dice['mean']:.3f}")
     assert dice["mean"] > dice["mean_before_registration"] + 0.3
@@ -326,9 +332,17 @@ def test_jacobian_volume_has_the_fixed_geometry_and_a_colour_table_centred_on_on
     fixed_grid = mrml.volume_grid(registered.inputs.fixed)
     assert mrml.volume_grid(jacobian).same_as(fixed_grid, tolerance_mm=1e-6)
     backend = sitk.GetArrayFromImage(sitk.ReadImage(str(registered.run.folder / "outputs" / JACOBIAN_FILE)))
-    np.testing.assert_allclose(slicer.util.arrayFromVolume(jacobian), backend, rtol=0, atol=1e-6)
     values = slicer.util.arrayFromVolume(jacobian)
-    assert 0.5 < float(np.median(values)) < 1.5 and float(values.std()) > 0.01
+    # the backend's map inside the fixed body, no value (NaN, drawn transparent) outside it
+    fixed = mrml.volume_to_image(registered.inputs.fixed)
+    body = body_mask(fixed, looks_like_ct(fixed)).numpy().astype(bool)  # as summary.json's region
+    assert 0.05 < body.mean() < 0.95
+    np.testing.assert_allclose(values[body], backend[body], rtol=0, atol=1e-6)
+    assert np.isnan(values[~body]).all()
+    display = jacobian.GetDisplayNode()
+    assert display.GetApplyThreshold()
+    inside = values[body]
+    assert 0.5 < float(np.median(inside)) < 1.5 and float(inside.std()) > 0.01
     display = jacobian.GetDisplayNode()
     assert (display.GetWindow(), display.GetLevel()) == mrml.JACOBIAN_WINDOW
     color = registered.scene.GetNodeByID(display.GetColorNodeID())
@@ -337,6 +351,18 @@ def test_jacobian_volume_has_the_fixed_geometry_and_a_colour_table_centred_on_on
     white, compressed, expanded = function.GetColor(1.0), function.GetColor(0.3), function.GetColor(1.7)
     assert min(white) > 0.95
     assert compressed[2] > compressed[0] + 0.3 and expanded[0] > expanded[2] + 0.3
+    # folded voxels have their own colour, far from that of the smallest positive J
+    folded, barely_positive = np.array(function.GetColor(-0.2)), np.array(function.GetColor(0.01))
+    assert np.allclose(folded, mrml.JACOBIAN_FOLDED_RGB) and np.allclose(function.GetColor(0.0), folded)
+    assert np.abs(folded - barely_positive).max() > 0.5
+
+
+def test_transform_nodes_reference_their_fixed_and_moving_volumes(registered):
+    fixed_role = slicer.vtkMRMLTransformNode.GetFixedNodeReferenceRole()
+    moving_role = slicer.vtkMRMLTransformNode.GetMovingNodeReferenceRole()
+    for node in (registered.outputs.transform, registered.outputs.affine):
+        assert node.GetNodeReference(fixed_role) is registered.inputs.fixed, node.GetName()
+        assert node.GetNodeReference(moving_role) is registered.inputs.moving, node.GetName()
 
 
 def test_warped_segmentation_keeps_segments_and_equals_the_backends_labels(registered):
@@ -378,6 +404,65 @@ def test_rerun_with_the_same_output_nodes_replaces_their_content(registered):
     print(f"|warped - fixed| (HU): median {np.median(difference):.2f}, 99th percentile {np.percentile(difference, 99):.1f}")
     assert np.median(difference) < 5.0 and np.percentile(difference, 99) < 60.0
     assert not run.folder.exists()
+
+
+def test_masks_are_written_on_their_volumes_grids(tmp_path):
+    """A moving mask (segmentation on the moving volume) becomes a 0/1 file on the moving grid, as
+    the fixed mask does on the fixed grid; one under another transform than the moving volume is refused."""
+    data = tiny_pair()
+    scene = new_scene()
+    fixed, moving = add_volume(scene, data.fixed, "fixed"), add_volume(scene, data.moving, "moving")
+    moving_mask = add_segmentation(scene, data.moving_labels, moving, "moving mask")
+    fixed_mask = add_segmentation(scene, data.fixed_labels, fixed, "fixed mask")
+    prepared = mrml.write_inputs(mrml.RegistrationInputs(fixed, moving, fixed_mask=fixed_mask, moving_mask=moving_mask),
+                                 tmp_path / "inputs")
+    for role, labels, volume in (("moving_mask", data.moving_labels, moving), ("fixed_mask", data.fixed_labels, fixed)):
+        written = sitk.ReadImage(prepared.files[role])
+        assert np.array_equal(sitk.GetArrayFromImage(written), (labels.numpy() > 0).astype(np.uint8)), role
+        assert Image.from_sitk(written).grid.same_as(mrml.volume_grid(volume), tolerance_mm=1e-4), role
+    moving_mask.SetAndObserveTransformNodeID(scene.AddNewNodeByClass("vtkMRMLLinearTransformNode").GetID())
+    with pytest.raises(ValueError, match="moving mask"):
+        mrml.write_inputs(mrml.RegistrationInputs(fixed, moving, moving_mask=moving_mask), tmp_path / "again")
+
+
+def test_overlapping_segments_are_each_warped_whole():
+    """A segmentation whose segments overlap ("tissue" holds "bone"): both come back whole, each
+    equal to its own mask warped through transform.h5 (no segment loses voxels to another)."""
+    from SAMERegistrationLib.export import read_transform
+    from SAMERegistrationLib.spatial.warp import resample_labels
+
+    data = tiny_pair()
+    scene = new_scene()
+    fixed, moving = add_volume(scene, data.fixed, "fixed"), add_volume(scene, data.moving, "moving")
+    segments = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "overlapping")
+    segments.SetReferenceImageGeometryParameterFromVolumeNode(moving)
+    masks = {"tissue": data.moving_labels.numpy() > 0, "bone": data.moving_labels.numpy() == 1}
+    for name, mask in masks.items():  # one import each: Slicer keeps them in separate layers
+        labelmap = add_volume(scene, Image(torch.from_numpy(mask.astype(np.int64)), data.moving.grid), name,
+                              "vtkMRMLLabelMapVolumeNode", np.uint8)
+        assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segments)
+        scene.RemoveNode(labelmap)
+        segmentation = segments.GetSegmentation()
+        segmentation.GetNthSegment(segmentation.GetNumberOfSegments() - 1).SetName(name)
+    layers, table = mrml.segmentation_to_label_layers(segments, moving)
+    assert [entry.layer for entry in table] == [0, 1] and len(layers) == 2
+    run = mrml.NodeRegistration(mrml.RegistrationInputs(fixed, moving, moving_segmentation=segments),
+                                mrml.RegistrationOutputs(), {"mode": FAST_MODE, "device": "cpu", "options": FAST_OPTIONS},
+                                keep_files=True).start()
+    try:
+        result = run.wait(timeout=300)
+        transform = read_transform(run.folder / "outputs" / TRANSFORM_FILE, mrml.volume_grid(fixed))
+        warped = {name: segment_mask(result.warped_segmentation, name, fixed) for name in masks}
+        for name, mask in masks.items():
+            expected = resample_labels(Image(torch.from_numpy(mask.astype(np.int64)), data.moving.grid),
+                                       mrml.volume_grid(fixed), transform).numpy() > 0
+            assert expected.sum() > 20, name
+            assert np.array_equal(warped[name], expected), f"{name}: {int((warped[name] != expected).sum())} voxels differ"
+        assert (warped["bone"] & warped["tissue"]).sum() == warped["bone"].sum()  # still inside the tissue
+    finally:
+        import shutil
+
+        shutil.rmtree(run.folder, ignore_errors=True)
 
 
 def test_cancel_stops_the_worker_and_creates_no_node():

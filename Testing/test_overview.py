@@ -9,6 +9,7 @@ import SimpleITK as sitk
 import torch
 
 from SAMERegistrationLib.image import Image
+from SAMERegistrationLib.outputs import jacobian_summary
 from SAMERegistrationLib.overview import render_overview
 from SAMERegistrationLib.spatial.grid import Grid
 from SAMERegistrationLib.spatial.jacobian import jacobian_determinant
@@ -219,6 +220,30 @@ def test_label_outlines_are_drawn_on_the_after_panel(fixed, tmp_path):
                     fixed_labels=labels, warped_labels=labels)
     after = cells(imread(str(tmp_path / "labels.png")))[0, 1]
     assert colourfulness(after) > 0.005
+
+
+def test_label_names_name_the_legend_entries(fixed, tmp_path):
+    labels = Image((fixed.data > 200).long() + 2 * ((fixed.data > 20) & (fixed.data < 80)).long(), fixed.grid)
+    zero = torch.zeros((3, *fixed.grid.shape))
+    texts = render_overview(tmp_path / "named.png", fixed, fixed, fixed, zero, torch.ones(fixed.grid.shape),
+                            fixed_labels=labels, warped_labels=labels, label_names={1: "bone"})
+    assert "bone" in texts and "label 2" in texts  # label 2 has no name
+    assert "label 1" not in texts
+
+
+def test_one_folding_figure_computed_in_the_body(case, fixed, tmp_path):
+    """The figure gives % J <= 0 once, over the body as summary.json does (jacobian_summary)."""
+    moving, warped, displacement, jacobian = case
+    body = Image((fixed.data > -500).long(), fixed.grid)
+    # a body that excludes part of the fold, so that the body figure differs from the whole-grid one
+    body.data[:, :, : fixed.grid.shape[2] // 2 + 2] = 0
+    texts = render_overview(tmp_path / "folds.png", fixed, moving, warped, displacement, jacobian, body=body)
+    figures = [text for text in texts if "\u2264 0:" in text]
+    assert len(figures) == 1, texts
+    in_body = jacobian_summary(jacobian, body)["percent_nonpositive"]
+    whole = float((jacobian <= 0).double().mean() * 100)
+    assert in_body > 0.01 and abs(in_body - whole) > 0.01
+    assert f"J \u2264 0: {in_body:.2f} % in the body" in figures[0]
 
 
 def test_few_slices_give_two_axial_rows(fixed, tmp_path):

@@ -25,13 +25,16 @@ RESOURCE_FOLDERS = ("Resources/Icons", "Resources/UI", "Resources/SampleData", "
 checksum (SAMERegistrationLib/sam/embedding.py finds them two folders above itself, which the
 bundled layout keeps); screenshots are for the catalogue and README only."""
 CATALOGUE = REPO / "SAMERegistration.json"
-SCHEMA_ID = "https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/slicer-extension-catalog-entry-schema-v1.0.2.json#"
-SCHEMA_REQUIRED = {"$schema", "category", "scm_url"}
-SCHEMA_PROPERTIES = {"$schema": str, "category": str, "scm_url": str, "scm_revision": str, "scm_type": str,
-                     "build_dependencies": list, "dicom_support_rule": str, "build_subdirectory": str,
-                     "enabled": bool, "tier": int}
-"""slicer-extension-catalog-entry-schema v1.0.2 (Slicer/Schemas): required keys, and the only keys
-allowed (additionalProperties false) with their JSON types."""
+SCHEMA = REPO / "Testing" / "schemas" / "slicer-extension-catalog-entry-schema-v1.0.2.json"
+"""The Extensions Index's schema of a catalogue entry, copied unchanged from
+https://github.com/Slicer/Slicer/blob/5767566820c4378c7c28c967d60d114892fb443d/Schemas/slicer-extension-catalog-entry-schema-v1.0.2.json
+(the file the entry's ``$schema`` names), so that the test needs no network."""
+ACCEPTED_CATEGORIES_SAMPLE = {"Registration", "Segmentation", "Quantification", "Utilities"}
+"""Some of the categories scripts/check_description_files.py of Slicer/ExtensionsIndex accepts
+(ACCEPTED_EXTENSION_CATEGORIES, 07f1d1b); ours must be one of them."""
+REPOSITORY_PREFIXES = ("Slicer", "Slicer-", "Slicer_", "SlicerExtension-", "SlicerExtension_")
+"""check_git_repository_name: the repository name must start with one of these (the extension's own
+name must not start with "Slicer": check_extension_name)."""
 
 
 def library_scripts() -> list[str]:
@@ -144,15 +147,38 @@ def test_icon_and_screenshots_are_pngs():
 
 # ----------------------------------------------------------------------------------- catalogue entry
 def test_catalogue_entry_validates_against_the_extensions_index_schema():
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads(SCHEMA.read_text())
     entry = json.loads(CATALOGUE.read_text())
-    assert entry["$schema"] == SCHEMA_ID
-    assert SCHEMA_REQUIRED <= set(entry), f"missing {SCHEMA_REQUIRED - set(entry)}"
-    assert set(entry) <= set(SCHEMA_PROPERTIES), f"not allowed by the schema: {set(entry) - set(SCHEMA_PROPERTIES)}"
-    for key, value in entry.items():
-        assert isinstance(value, SCHEMA_PROPERTIES[key]) and not (SCHEMA_PROPERTIES[key] is int and isinstance(value, bool)), key
-    assert all(isinstance(item, str) for item in entry.get("build_dependencies", []))
-    assert entry.get("scm_type", "git") in ("git", "local")
-    assert 1 <= entry.get("tier", 1) <= 5
+    assert entry["$schema"] == schema["$id"]
+    jsonschema.validate(entry, schema)
+    # the schema really is enforced: an entry without scm_url, or with an unknown key, fails
+    for broken in ({k: v for k, v in entry.items() if k != "scm_url"}, {**entry, "homepage": "https://x"}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(broken, schema)
+
+
+def test_catalogue_entry_passes_the_extensions_index_checks():
+    """The rules of Slicer/ExtensionsIndex scripts/check_description_files.py that need no network:
+    LF-only JSON, extension name, category, scm_url scheme and repository name, CMake project name
+    equal to the entry's file name, icon and screenshot URLs, a license file."""
+    from urllib.parse import urlsplit
+
+    raw = CATALOGUE.read_bytes()
+    assert b"\r" not in raw, "the entry must use LF line endings only"
+    entry = json.loads(raw)
+    extension = CATALOGUE.stem
+    assert not extension.lower().startswith("slicer")
+    assert entry["category"] in ACCEPTED_CATEGORIES_SAMPLE
+    url = urlsplit(entry["scm_url"])
+    assert url.scheme in ("git", "https") and url.netloc
+    repository = Path(url.path.strip("/")).stem
+    assert repository.startswith(REPOSITORY_PREFIXES), repository
+    project = re.search(r"project\s*\(\s*([^\s)]+)", (REPO / "CMakeLists.txt").read_text(), flags=re.I).group(1)
+    assert project == extension
+    assert top_level_variable("EXTENSION_ICONURL").startswith("http")
+    assert all(item.startswith("http") for item in top_level_variable("EXTENSION_SCREENSHOTURLS").split())
+    assert (REPO / "LICENSE").is_file()
     assert entry["category"] == "Registration" == top_level_variable("EXTENSION_CATEGORY")
     assert entry["build_dependencies"] == ["PyTorch"] == top_level_variable("EXTENSION_DEPENDS").split()
     assert entry["scm_url"] == top_level_variable("EXTENSION_HOMEPAGE")

@@ -10,12 +10,15 @@ import pytest
 import torch
 
 from SAMERegistrationLib.errors import RegistrationCancelled
+from SAMERegistrationLib.image import Image
 from SAMERegistrationLib.io import read_image
 from SAMERegistrationLib.modes import build_pipeline
 from SAMERegistrationLib.pipeline.problem import RegistrationOptions, RegistrationProblem
 from SAMERegistrationLib.spatial.transform import SpatialTransform
 from SAMERegistrationLib.spatial.warp import resample_image
 from SAMERegistrationLib.synthetic import make_synthetic_pair
+from SAMERegistrationLib.preprocess import body_mask
+from sample_cases import small_torso
 
 TORSO = Path(__file__).resolve().parents[1] / "Resources" / "SampleData" / "patientA_torso_ct.nii.gz"
 
@@ -100,3 +103,50 @@ def test_inputs_are_not_modified(recovered):
     assert torch.equal(pair.fixed.data, fresh.fixed.data)
     assert torch.equal(pair.moving.data, fresh.moving.data)
     assert np.allclose(pair.moving.grid.index_to_world(), fresh.moving.grid.index_to_world())
+
+
+# ----------------------------------------------------------------------------------- moving mask
+@pytest.fixture(scope="module")
+def moving_with_an_artefact():
+    """The 6 mm torso slab, a moving scan under a known deformation with a bright 48 x 72 x 72 mm
+    block (1500 HU, e.g. contrast or metal) the fixed scan does not have, and a moving mask that
+    leaves the block out."""
+    fixed = small_torso(6.0, (240.0, 192.0, 96.0))
+    pair = make_synthetic_pair(fixed, translation_mm=(20.0, -10.0, 5.0), field_amplitude_mm=4.0)
+    k, j, i = torch.nonzero(body_mask(pair.moving, True).data).float().mean(0).long().tolist()
+    block = (slice(k - 4, k + 4), slice(j - 6, j + 6), slice(i - 10, i + 2))
+    data = pair.moving.data.clone()
+    data[block] = 1500.0
+    mask = torch.ones(pair.moving.grid.shape, dtype=torch.int64)
+    mask[block] = 0
+    points = fixed.grid.world_points(dtype=torch.float64)[body_mask(fixed, True).data.bool()].float()
+    return pair, Image(data, pair.moving.grid), Image(mask, pair.moving.grid), points
+
+
+def test_moving_mask_marks_moving_voxels_outside_it_as_without_data(moving_with_an_artefact):
+    pair, moving, mask, _ = moving_with_an_artefact
+    plain = RegistrationProblem(pair.fixed, moving, options=RegistrationOptions(spacing=6.0)).level(6.0)
+    masked = RegistrationProblem(pair.fixed, moving, options=RegistrationOptions(spacing=6.0),
+                                 moving_mask=mask).level(6.0)
+    left_out = Image(1 - mask.data, mask.grid)
+    block = resample_image(left_out, masked.moving.grid, interpolation="nearest").data > 0
+    assert int(block.sum()) > 50
+    assert float(plain.moving_valid[block].min()) == 1.0  # the block lies inside the moving scan
+    assert float(masked.moving_valid[block].max()) == 0.0
+    assert torch.equal(masked.moving_valid[~block], plain.moving_valid[~block])
+
+
+def test_moving_mask_keeps_an_artefact_from_pulling_the_registration(moving_with_an_artefact):
+    """Leaving the block out of the similarity brings the result closer to the truth (median error
+    over the fixed body; 2.40 mm without the mask, 2.00 mm with it when written)."""
+    pair, moving, mask, points = moving_with_an_artefact
+    options = RegistrationOptions(spacing=8.0, threads=1)
+    errors = {}
+    for name, moving_mask in (("without", None), ("with", mask)):
+        problem = RegistrationProblem(pair.fixed, moving, options=options, moving_mask=moving_mask)
+        result = build_pipeline("intensity").run(problem)
+        with torch.no_grad():
+            errors[name] = float((pair.psi.map_points(result.transform.map_points(points)) - points).norm(dim=-1).median())
+    print(f"\nmedian error over the body: {errors['without']:.2f} mm without the moving mask, "
+          f"{errors['with']:.2f} mm with it")
+    assert errors["with"] < 0.9 * errors["without"]

@@ -34,7 +34,8 @@ from SAMERegistrationLib.learning.objective import parse_similarity
 from SAMERegistrationLib.learning.training_pairs import TrainingScan
 from SAMERegistrationLib.learning.weights import sha256_file
 from SAMERegistrationLib.output_folder import locked_output_folder
-from SAMERegistrationLib.outputs import OUTPUT_FILES, WARPED_LABELS_FILE, label_pixel_type
+from SAMERegistrationLib.io import label_pixel_type
+from SAMERegistrationLib.outputs import OUTPUT_FILES, WARPED_LABELS_FILE
 from SAMERegistrationLib.sam.embedding import load_sam
 from SAMERegistrationLib.signals import signals_held, terminate_like_ctrl_c
 from SAMERegistrationLib.spatial.grid import Grid

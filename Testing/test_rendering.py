@@ -8,7 +8,7 @@ the Jacobian map and the warped segmentation. The tests check the pictures are n
 differ where they should (after registration the overlay is closer to the fixed image alone).
 
 ``python Testing/test_rendering.py`` renders the same pictures for the bundled inter-patient pair
-(patient C abdomen fixed, patient A moving, 4 mm) into ``Resources/Screenshots/`` (README and
+(patient C abdomen fixed, patient A moving, mode SAME at its defaults) into ``Resources/Screenshots/`` (README and
 catalogue screenshots).
 """
 
@@ -27,12 +27,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sample_cases import FAST_MODE, FAST_OPTIONS, LABEL_NAMES, REPO, tiny_pair  # noqa: E402
+from sample_cases import FAST_OPTIONS, LABEL_NAMES, REPO, tiny_pair  # noqa: E402
 
 from SAMERegistrationLib import mrml  # noqa: E402
 from SAMERegistrationLib.image import Image  # noqa: E402
 
 SIZE = (480, 400)
+TEST_REQUEST = {"mode": "same", "device": "cpu", "options": {**FAST_OPTIONS, "spacing": 8.0}, "refine_iterations": 5}
+"""The pictures show the default mode, SAME (its SAM-VoxelMorph stage works on a 2 mm grid whatever
+the spacing; 5 refinement iterations instead of 50 keep the test to seconds)."""
 SEGMENT_COLORS = {"bone": (0.95, 0.90, 0.75), "soft tissue": (0.85, 0.35, 0.30)}
 
 
@@ -123,8 +126,8 @@ def add_segmentation(scene, labels: Image, names: dict[int, str], colors: dict[s
 
 
 def render_registration(fixed: Image, moving: Image, fixed_labels: Image | None, moving_labels: Image,
-                        names: dict[int, str], colors: dict[str, tuple], options: dict,
-                        folder: Path | None = None, grid_spacing_mm: float = 16.0) -> Pictures:
+                        names: dict[int, str], colors: dict[str, tuple], request: dict,
+                        folder: Path | None = None, grid_spacing_mm: float = 16.0, timeout_s: float = 600.0) -> Pictures:
     """Registers with the real node logic, shows the result like the module, renders the pictures."""
     import time
 
@@ -139,8 +142,8 @@ def render_registration(fixed: Image, moving: Image, fixed_labels: Image | None,
         fixed_segments.GetDisplayNode().SetVisibility(False)
     start = time.perf_counter()
     run = mrml.NodeRegistration(mrml.RegistrationInputs(fixed_node, moving_node, fixed_segments, moving_segments),
-                                mrml.RegistrationOutputs(), {"mode": FAST_MODE, "device": "cpu", "options": options}).start()
-    result = run.wait(timeout=600)
+                                mrml.RegistrationOutputs(), request).start()
+    result = run.wait(timeout=timeout_s)
     seconds = time.perf_counter() - start
     result.warped_segmentation.GetDisplayNode().SetVisibility(False)
 
@@ -157,7 +160,7 @@ def render_registration(fixed: Image, moving: Image, fixed_labels: Image | None,
                       grid_spacing_mm=grid_spacing_mm)
     grid = shot("deformed_grid")
     result.transform.GetDisplayNode().SetVisibility(False)
-    renderer.layers(result.jacobian)
+    mrml.show_results(scene, fixed_node, overlay=True, grid=False, jacobian=result.jacobian)
     jacobian = shot("jacobian")
     renderer.layers(fixed_node)
     result.warped_segmentation.GetDisplayNode().SetVisibility(True)
@@ -171,7 +174,7 @@ def pictures(tmp_path_factory) -> Pictures:
     data = tiny_pair()
     folder = tmp_path_factory.mktemp("pictures")
     return render_registration(data.fixed, data.moving, data.fixed_labels, data.moving_labels, LABEL_NAMES,
-                               SEGMENT_COLORS, FAST_OPTIONS, folder)
+                               SEGMENT_COLORS, TEST_REQUEST, folder)
 
 
 def lit_fraction(picture: np.ndarray) -> float:
@@ -217,14 +220,17 @@ def test_deformed_grid_is_drawn_over_the_fixed_image(pictures):
     assert unchanged.mean() > 0.5  # the grid is drawn over the image, which stays visible
 
 
-def test_jacobian_picture_shows_compression_and_expansion_around_white(pictures):
+def test_jacobian_picture_shows_compression_and_expansion_over_the_fixed_body_only(pictures):
+    """The map is drawn over the fixed volume inside the body; outside it the fixed volume shows as is."""
     rgb = pictures.jacobian.astype(int)
-    body = rgb.max(axis=-1) > 20
-    blue = (rgb[..., 2] > rgb[..., 0] + 25) & body
-    red = (rgb[..., 0] > rgb[..., 2] + 25) & body
-    white = (rgb.min(axis=-1) > 200) & body
-    print(f"\nJacobian picture: {blue.sum()} blue (J < 1), {red.sum()} red (J > 1), {white.sum()} near-white pixels")
-    assert blue.sum() > 100 and red.sum() > 100 and white.sum() > 100
+    coloured = np.abs(rgb - pictures.fixed.astype(int)).max(axis=-1) > 3
+    # (the tiny slab's body mask is its dense tissue; J stays near 1, light over grey at 60 % opacity)
+    blue = (rgb[..., 2] > rgb[..., 0] + 8) & coloured
+    red = (rgb[..., 0] > rgb[..., 2] + 8) & coloured
+    print(f"\nJacobian picture: {blue.sum()} blue (J < 1), {red.sum()} red (J > 1) pixels; "
+          f"{coloured.mean() * 100:.0f} % of the view coloured")
+    assert blue.sum() > 100 and red.sum() > 100
+    assert 0.1 < coloured.mean() < 0.9  # over the body, not over the whole view
     jacobian = pictures.summary["jacobian"]
     assert jacobian["min_jacobian"] < 0.9 and jacobian["max_jacobian"] > 1.1
 
@@ -242,7 +248,8 @@ def test_warped_segmentation_is_drawn_in_its_segment_colours(pictures):
 
 # ----------------------------------------------------------------------------------- screenshots
 def make_screenshots(folder: Path = REPO / "Resources" / "Screenshots") -> None:
-    """The bundled inter-patient pair at 4 mm: README and catalogue screenshots."""
+    """The bundled inter-patient pair in the default mode (SAME, default options): README and
+    catalogue screenshots."""
     from SAMERegistrationLib.io import read_image
 
     samples = REPO / "Resources" / "SampleData"
@@ -256,7 +263,8 @@ def make_screenshots(folder: Path = REPO / "Resources" / "Screenshots") -> None:
     folder.mkdir(parents=True, exist_ok=True)
     pictures = render_registration(fixed, moving, labels("patientC_abdomen_labels.nii.gz"),
                                    labels("patientA_abdomen_labels.nii.gz"), names, {},
-                                   {"spacing": 4.0, "threads": 2}, folder, grid_spacing_mm=12.0)
+                                   {"mode": "same", "device": "cpu", "options": {"threads": 1}}, folder,
+                                   grid_spacing_mm=12.0, timeout_s=3600.0)
     # the two patients' scans are ~900 mm apart: the overlay before registration shows no moving image
     for name in ("fixed.png", "overlay_before.png"):
         (folder / name).unlink(missing_ok=True)

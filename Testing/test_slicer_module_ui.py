@@ -19,7 +19,7 @@ UI_FILE = REPO / "Resources" / "UI" / "SAMERegistration.ui"
 MODULE_FILE = REPO / "SAMERegistration" / "SAMERegistration.py"
 NODE_TYPES = {"vtkMRMLScalarVolumeNode", "vtkMRMLSegmentationNode", "vtkMRMLTransformNode",
               "vtkMRMLGridTransformNode", "vtkMRMLLinearTransformNode"}
-ENUMS = {"RegistrationMode", "Preset", "Device"}
+ENUMS = {"RegistrationMode", "Preset", "Device", "LabelInterpolation"}
 ALLOWED_TOP_LEVEL_IMPORTS = {"enum", "logging", "os", "pathlib", "shutil", "sys", "typing", "qt", "slicer", "vtk",
                              "slicer.i18n", "slicer.parameterNodeWrapper", "slicer.ScriptedLoadableModule",
                              "slicer.util"}
@@ -96,6 +96,8 @@ def connectable(annotation: str, widget_class: str) -> bool:
         return widget_class in ("QSpinBox", "QSlider")
     if annotation == "pathlib.Path":
         return widget_class in ("ctkPathLineEdit", "ctkDirectoryButton")
+    if annotation == "str":
+        return widget_class in ("QLineEdit", "QTextEdit")
     return False
 
 
@@ -128,6 +130,9 @@ def test_output_selectors_can_create_nodes_and_inputs_cannot(ui):
             continue
         add = [p.find("bool").text for p in widget.findall("property") if p.get("name") == "addEnabled"]
         parameter = string_property(widget, "SlicerParameterName")
+        if widget.get("name") == "parameterNodeSelector":  # adds a new set-up (parameter node)
+            assert add == ["true"] and parameter is None
+            continue
         is_output = parameter in {"outputTransform", "outputAffine", "warpedVolume", "jacobianVolume",
                                   "warpedSegmentation", "inverseTransform"}
         assert add == (["true"] if is_output else ["false"]), parameter
@@ -169,3 +174,107 @@ def test_help_text_describes_every_mode_the_ui_offers(module):
     source = MODULE_FILE.read_text()
     for heading in ("Intensity baseline", "SAME", "TVF-diffeomorphic"):
         assert f"<b>{heading}" in source, heading
+
+
+def function(module, name: str) -> ast.FunctionDef:
+    return next(node for node in ast.walk(module) if isinstance(node, ast.FunctionDef) and node.name == name)
+
+
+def test_saved_settings_are_parameters_and_hold_no_nodes(module):
+    params = parameters(module)
+    saved = next(ast.literal_eval(node.value) for node in module.body if isinstance(node, ast.Assign)
+                 and any(isinstance(t, ast.Name) and t.id == "SAVED_SETTINGS" for t in node.targets))
+    assert set(saved) <= set(params), set(saved) - set(params)
+    assert not any(params[name] in NODE_TYPES for name in saved), "a node in the saved settings"
+    # every choice that is not a node is saved
+    assert set(saved) == {name for name, annotation in params.items() if annotation not in NODE_TYPES}
+
+
+def test_worker_request_uses_only_fields_the_backend_knows(module):
+    """workerRequest() builds the worker's request: its keys are RegistrationRequest fields and its
+    options RegistrationOptions fields (the worker refuses unknown ones)."""
+    from dataclasses import fields
+
+    from SAMERegistrationLib.pipeline.problem import RegistrationOptions
+    from SAMERegistrationLib.registration import RegistrationRequest
+
+    body = function(module, "workerRequest")
+    keys = {"request": set(), "options": set()}
+    for node in ast.walk(body):
+        if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id in keys \
+                and isinstance(node.slice, ast.Constant):
+            keys[node.value.id].add(node.slice.value)
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict) and isinstance(node.targets[0], ast.Name) \
+                and node.targets[0].id in keys:
+            keys[node.targets[0].id] |= {k.value for k in node.value.keys}
+    assert keys["request"] >= {"mode", "device", "options", "label_method", "similarity", "refine_iterations"}
+    assert keys["request"] <= {f.name for f in fields(RegistrationRequest)}
+    assert keys["options"] >= {"spacing", "threads"}
+    assert keys["options"] <= {f.name for f in fields(RegistrationOptions)}
+
+
+def test_slicers_own_process_never_imports_torch(module):
+    """Widget and logic ask a probe process about PyTorch and the GPU: no ``import torch`` (so no
+    CUDA context in Slicer) outside the module test, which runs the backend in-process on purpose."""
+    for node in module.body:
+        if isinstance(node, ast.ClassDef) and node.name == "SAMERegistrationTest":
+            continue
+        for inner in ast.walk(node):
+            if isinstance(inner, ast.Import):
+                assert all(alias.name.split(".")[0] != "torch" for alias in inner.names), getattr(node, "name", node)
+            if isinstance(inner, ast.ImportFrom):
+                assert (inner.module or "").split(".")[0] != "torch", getattr(node, "name", node)
+
+
+def test_sample_data_is_registered_from_the_bundled_files(module):
+    files = next(ast.literal_eval(node.value) for node in module.body if isinstance(node, ast.Assign)
+                 and any(isinstance(t, ast.Name) and t.id == "SAMPLE_FILES" for t in node.targets))
+    for name, _, kind in files:
+        assert (REPO / "Resources" / "SampleData" / name).is_file(), name
+        assert kind in ("VolumeFile", "SegmentationFile")
+    source = MODULE_FILE.read_text()
+    assert 'slicer.app.connect("startupCompleted()", registerSampleData)' in source
+    assert "registerCustomSampleDataSource" in ast.unparse(function(module, "registerSampleData"))
+
+
+def test_advanced_section_is_collapsed_by_default(ui):
+    advanced = widgets(ui)["advancedCollapsibleButton"]
+    collapsed = [p.find("bool").text for p in advanced.findall("property") if p.get("name") == "collapsed"]
+    assert collapsed == ["true"]
+    inside = {w.get("name") for w in advanced.iter("widget")}
+    assert {"similarityLineEdit", "refineIterationsSpinBox", "labelInterpolationComboBox", "threadsSpinBox",
+            "keepFilesCheckBox", "showFolderButton"} <= inside
+
+
+def test_saved_settings_round_trip_through_json(module):
+    """settingsToJson / applySettingsJson, run from the module's source: enums, paths, numbers and
+    flags come back as they were saved."""
+    import enum
+    import json
+    import pathlib
+    import types
+
+    wanted = {"SAVED_SETTINGS", "settingsToJson", "applySettingsJson", "RegistrationMode", "Preset", "Device",
+              "LabelInterpolation"}
+    namespace = {"enum": enum, "pathlib": pathlib}
+    for node in module.body:
+        names = {node.name} if isinstance(node, (ast.ClassDef, ast.FunctionDef)) else \
+            {t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)}
+        if names & wanted:
+            exec(compile(ast.Module([node], []), str(MODULE_FILE), "exec"), namespace)
+    mode, preset, device, interpolation = (namespace[n] for n in ("RegistrationMode", "Preset", "Device",
+                                                                  "LabelInterpolation"))
+    chosen = types.SimpleNamespace(
+        mode=mode.TVF, sameAffineStage=True, sameCoarseStage=False, sameDeformableStage=True,
+        customWeights=pathlib.Path("/weights/sam.pt"), preset=preset.FAST, device=device.CPU, showOverlay=False,
+        showGrid=True, gridSpacing=12.5, showJacobian=True, similarity="lncc+0.1*sam", refineIterations=20,
+        labelInterpolation=interpolation.ONEHOT, threads=3, keepFiles=True)
+    saved = json.loads(json.dumps(namespace["settingsToJson"](chosen)))
+    assert saved["mode"] == "tvf" and saved["customWeights"] == "/weights/sam.pt" and saved["preset"] == 4.0
+    fresh = types.SimpleNamespace(
+        mode=mode.SAME, sameAffineStage=True, sameCoarseStage=True, sameDeformableStage=True,
+        customWeights=pathlib.Path(), preset=preset.QUALITY, device=device.AUTO, showOverlay=True, showGrid=True,
+        gridSpacing=15.0, showJacobian=False, similarity="", refineIterations=-1,
+        labelInterpolation=interpolation.NEAREST, threads=0, keepFiles=False)
+    namespace["applySettingsJson"](fresh, saved)
+    assert vars(fresh) == vars(chosen)

@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Register every pair of PAIRS (a CSV file with columns fixed, moving and optionally "
-                    "moving_labels, fixed_labels, fixed_mask, id; paths relative to the CSV file) on a Dask "
+                    "moving_labels, fixed_labels, fixed_mask, moving_mask, id; paths relative to the CSV file) on a Dask "
                     "cluster: a local one by default. Each pair's outputs go to OUTROOT/<id>/, the results "
                     "table to OUTROOT/results.csv and results.json. A rerun skips finished pairs.")
     parser.add_argument("pairs", metavar="PAIRS", help="CSV file of the pairs")
@@ -132,7 +132,7 @@ def _jobs(args: argparse.Namespace, pairs: list[Pair], outroot: Path, table: Res
             shutil.rmtree(stale, ignore_errors=True)
         request = registration_request(args, pair.fixed, pair.moving, folder, args.threads_per_worker,
                                        moving_labels=pair.moving_labels, fixed_labels=pair.fixed_labels,
-                                       fixed_mask=pair.fixed_mask)
+                                       fixed_mask=pair.fixed_mask, moving_mask=pair.moving_mask)
         jobs.append(Job(pair, request))
     return jobs
 

@@ -1,7 +1,7 @@
 """The pairs of a cohort, read from a CSV file.
 
-Columns: ``fixed`` and ``moving`` (required), ``moving_labels``, ``fixed_labels``, ``fixed_mask`` and
-``id`` (optional; an empty cell means none). Relative paths are relative to the CSV file's folder.
+Columns: ``fixed`` and ``moving`` (required), ``moving_labels``, ``fixed_labels``, ``fixed_mask``,
+``moving_mask`` and ``id`` (optional; an empty cell means none). Relative paths are relative to the CSV file's folder.
 Without an ``id``, a pair is named after its moving image (``scan07.nii.gz`` -> ``scan07``), or after
 both images (``atlas__scan07``) when moving images repeat, as when one atlas is registered to many
 fixed scans.
@@ -18,7 +18,7 @@ from pathlib import Path
 from ..errors import InputError
 
 REQUIRED_COLUMNS = ("fixed", "moving")
-FILE_COLUMNS = ("fixed", "moving", "moving_labels", "fixed_labels", "fixed_mask")
+FILE_COLUMNS = ("fixed", "moving", "moving_labels", "fixed_labels", "fixed_mask", "moving_mask")
 COLUMNS = (*FILE_COLUMNS, "id")
 _ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 """A pair id is a plain folder name: letters, digits, ``.``, ``_`` and ``-``, not starting with ``.``."""
@@ -39,6 +39,7 @@ class Pair:
     moving_labels: Path | None = None
     fixed_labels: Path | None = None
     fixed_mask: Path | None = None
+    moving_mask: Path | None = None
     line: int = 0
 
 
@@ -71,9 +72,6 @@ def _check_header(csv_path: Path, header: list[str]) -> None:
     if missing:
         raise InputError(f"PAIRS {csv_path}: no column {', '.join(missing)}: the first line must name the columns, "
                          f"e.g. fixed,moving (optional: {', '.join(COLUMNS[2:])})")
-    if "moving_mask" in header:
-        raise InputError(f"PAIRS {csv_path}: column moving_mask: registrations take a fixed mask only: "
-                         "remove the column (the moving image's body mask is found automatically)")
     unknown = [name for name in header if name not in COLUMNS]
     if unknown:
         raise InputError(f"PAIRS {csv_path}: unknown column {', '.join(unknown)}: use {', '.join(COLUMNS)}")

@@ -57,7 +57,8 @@ class WorkingLevel:
         fixed_weight: ``(D, H, W)`` float weights of the similarity on the fixed working grid: the
             fixed mask (user's, or the body mask) times where the fixed image has data.
         moving: registration channel of the moving image in [-1, 1] on the moving working grid.
-        moving_valid: ``(D, H, W)`` float, 1 where the moving image has data.
+        moving_valid: ``(D, H, W)`` float, 1 where the moving image has data (and, with a moving
+            mask, lies inside it).
     """
 
     fixed: Image
@@ -86,6 +87,9 @@ class RegistrationProblem:
         fixed_mask: optional binary mask on the fixed grid restricting the similarity.
         options: stage settings.
         device: where the stages compute.
+        moving_mask: optional binary mask on the moving grid: moving voxels outside it count as
+            having no data (``WorkingLevel.moving_valid`` is 0 there), so they take no part in the
+            similarity of the intensity stages and of the learned stages' refinement.
     """
 
     fixed: Image
@@ -93,6 +97,7 @@ class RegistrationProblem:
     fixed_mask: Image | None = None
     options: RegistrationOptions = field(default_factory=RegistrationOptions)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    moving_mask: Image | None = None
     _levels: dict[float, WorkingLevel] = field(default_factory=dict, init=False, repr=False)
     _body: dict[str, Image] = field(default_factory=dict, init=False, repr=False)
     _memo: dict[str, object] = field(default_factory=dict, init=False, repr=False)
@@ -137,11 +142,14 @@ class RegistrationProblem:
         else:
             mask = resample_image(self.fixed_body_mask(), fixed_grid, interpolation="nearest").data
         moving_hu = to_working_grid(self.moving, spacing, self.moving_is_ct)
+        moving_valid = _valid_region(self.moving.grid, moving_hu.grid)
+        if self.moving_mask is not None:
+            moving_valid = moving_valid * resample_image(self.moving_mask, moving_hu.grid, interpolation="nearest").data
         return WorkingLevel(
             fixed=normalise_intensity(fixed_hu, self.fixed_is_ct).to(self.device),
             fixed_weight=(mask * fixed_valid).to(self.device),
             moving=normalise_intensity(moving_hu, self.moving_is_ct).to(self.device),
-            moving_valid=_valid_region(self.moving.grid, moving_hu.grid).to(self.device),
+            moving_valid=moving_valid.to(self.device),
         )
 
 
