@@ -227,7 +227,11 @@ def read_initial_transform(path: str | os.PathLike, reference_grid: Grid) -> Spa
     Raises:
         InputError: the file is missing, unreadable, not a 3-D transform, or holds NaN/Inf.
     """
-    return _as_spatial_transform(_read_itk_transform(path, "initial transform"), reference_grid)
+    result = _as_spatial_transform(_read_itk_transform(path, "initial transform"), reference_grid)
+    if not np.isfinite(np.asarray(result.affine)).all() or (
+            result.has_field and not bool(torch.isfinite(result.field).all())):
+        raise InputError(f"initial transform {path}: holds NaN or Inf parameters: give a valid transform")
+    return result
 
 
 def read_transform(path: str | os.PathLike, reference_grid: Grid,
@@ -270,9 +274,6 @@ def _as_spatial_transform(transform: sitk.Transform, reference_grid: Grid) -> Sp
         result = _field_then_linear(transform)
         if result is None:
             result = SpatialTransform(np.eye(4), _sample_displacement(transform, reference_grid), reference_grid)
-    if not np.isfinite(np.asarray(result.affine)).all() or (
-            result.has_field and not bool(torch.isfinite(result.field).all())):
-        raise InputError(f"initial transform {source}: holds NaN or Inf parameters: give a valid transform")
     return result
 
 

@@ -71,8 +71,9 @@ def pair_files(tmp_path_factory) -> dict[str, Path]:
 
 def run_cli(*argv: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env["PYTHONIOENCODING"] = "utf-8"      # the progress bars' block characters, whatever the locale
     return subprocess.Popen([sys.executable, "-m", "SAMERegistrationLib.cli", *argv], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------------- damaged files
