@@ -134,6 +134,13 @@ def test_harness_end_to_end(tmp_path, monkeypatch):
                                     records=tmp_path / "rows", resume=True, log=lines.append)
     assert sum(": reused, " in line for line in lines) == len(methods)
     assert _results_as_text(resumed) == _results_as_text(rows)
+    unsaved = Method("unsaved", "a method without saved rows", "none", registry.run_identity, kind="baseline")
+    saved_only = harness.run_benchmark([SAMPLE_PAIR], methods + [unsaved], threads=1, spacing=SPACING_MM,
+                                       timeout_s=300, records=tmp_path / "rows", resume=True, run_missing=False,
+                                       log=lambda line: None)
+    assert saved_only[-1].status == harness.NOT_RUN and _results_as_text(saved_only[:-1]) == _results_as_text(rows)
+    # SAM's affine across these two patients is rejected, and the row keeps the stage's warning
+    assert any(warning.startswith("sam-affine: ") for warning in rows[0].warnings), rows[0].warnings
 
     with open(tmp_path / "out" / "results.csv") as stream:
         table = {row["method"]: row for row in csv.DictReader(stream)}
@@ -170,4 +177,5 @@ def test_harness_end_to_end(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="add the lines"):
         update_readme(tmp_path / "out" / "results.md", [tmp_path / "out" / "results.md"])
     assert "| a missing tool | not installed: no module no_such_module_xyz" in markdown
+    assert "## What the methods warned about" in markdown and "- A->C / affine: sam-affine: " in markdown
     assert (tmp_path / "out" / "dice_boxplot.png").exists() and (tmp_path / "out" / "time_vs_dice.png").exists()

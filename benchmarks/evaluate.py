@@ -81,7 +81,7 @@ def evaluate_pair_list(pairs: Path, methods: list[Method], args: argparse.Namesp
                f"command: `{command}`"]
     fields = args.save_fields / pairs.stem if args.save_fields else None
     rows = run_benchmark(specs, methods, args.threads, args.spacing, args.timeout, fields,
-                         records=args.output / pairs.stem / "rows", resume=args.resume)
+                         records=args.output / pairs.stem / "rows", resume=args.resume, run_missing=not args.saved_only)
     reused = sum(row.reused for row in rows)
     setting.append(f"wall time of this run: {(datetime.datetime.now() - started).total_seconds() / 60:.0f} min"
                    + (f"; {reused} of {len(rows)} rows reused from an earlier run (--resume)" if reused else ""))
@@ -100,11 +100,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="reuse the rows an earlier run left in OUTPUT/<pair-list name>/rows/ (same threads); "
                              "delete a method's files there to run it again")
+    parser.add_argument("--saved-only", action="store_true",
+                        help="with --resume: run nothing, only rewrite the tables from the saved rows (a pair and "
+                             "method without a saved row is reported as not run yet)")
     parser.add_argument("--readme", type=Path, metavar="FILE",
                         help="also rewrite the evaluation block of FILE (e.g. README.md) with the summary tables")
     parser.add_argument("--save-fields", type=Path, metavar="DIR",
                         help="also write every result as an ITK displacement-field transform (.h5) into DIR")
     args = parser.parse_args(argv)
+    if args.saved_only and not args.resume:
+        parser.error("--saved-only needs --resume (it reuses the saved rows)")
     # On SIGTERM unwind like on Ctrl-C: the running worker is killed and the scratch folder removed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     methods = select_methods(args.methods)

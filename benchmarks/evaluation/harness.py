@@ -57,6 +57,10 @@ class Row:
     warnings: list[str] = field(default_factory=list)
 
 
+NOT_RUN = "not run yet (no saved row)"
+"""Status of a pair and method that a run with ``run_missing=False`` had no saved row for."""
+
+
 def method_status(method: Method) -> str | None:
     """Why ``method`` cannot run here ("not available in this version", "not installed: ..."), or None."""
     if method.run is None:
@@ -90,7 +94,7 @@ def load_row(path: Path, method: Method) -> Row:
 
 def run_benchmark(specs: list[PairSpec], methods: list[Method], threads: int, spacing: float,
                   timeout_s: float, fields: Path | None = None, records: Path | None = None,
-                  resume: bool = False,
+                  resume: bool = False, run_missing: bool = True,
                   log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> list[Row]:
     """Prepares every pair (so a missing file stops the run before any registration), then runs each
     method on each pair in a worker and evaluates its displacement field.
@@ -103,6 +107,8 @@ def run_benchmark(specs: list[PairSpec], methods: list[Method], threads: int, sp
         records: if given, a folder that receives every row as ``PAIR__METHOD.json`` once it is done.
         resume: reuse the rows already in ``records`` that ran with the same threads (an interrupted
             run goes on where it stopped; delete a method's records to run it again).
+        run_missing: run the pairs and methods without a reusable row (False: report them as
+            :data:`NOT_RUN` instead, so the tables can be rewritten from the saved rows alone).
         log: receives one progress line per pair and method.
     """
     start = time.perf_counter()
@@ -119,7 +125,9 @@ def run_benchmark(specs: list[PairSpec], methods: list[Method], threads: int, sp
             for method in methods:
                 record = records / f"{_safe(pair.name)}__{_safe(method.name)}.json" if records else None
                 row = load_row(record, method) if resume and record is not None and record.exists() else None
-                if row is None or row.threads != threads:
+                if (row is None or row.threads != threads) and not run_missing:
+                    row = Row(pair.name, spec.group, pair.description, method, NOT_RUN, threads)
+                elif row is None or row.threads != threads:
                     row = _run_one(spec, pair, method, fixed_path, moving_path, folder / _safe(method.name),
                                    threads, spacing, timeout_s, fields)
                     if record is not None:
