@@ -33,7 +33,7 @@ from SAMERegistrationLib.pipeline.problem import RegistrationProblem
 from SAMERegistrationLib.pipeline.progress import Progress
 from SAMERegistrationLib.sam.embedding import load_sam
 from SAMERegistrationLib.spatial.transform import SpatialTransform
-from SAMERegistrationLib.stages.alignment_score import SCORE_SPACING_MM, alignment_score, best_candidate
+from SAMERegistrationLib.stages.alignment_score import SCORE_SPACING_MM, best_candidate
 from SAMERegistrationLib.stages.initial_alignment import InitialAlignment
 from SAMERegistrationLib.stages.intensity_affine import IntensityAffine
 from SAMERegistrationLib.stages.sam_affine import SAMAffine
@@ -64,13 +64,13 @@ def measure(spec, model) -> str:
         problem, InitialAlignment().run(problem, identity, intensity_progress), intensity_progress)}
     if sam_matrix is not None:
         candidates["SAM"] = identity.with_affine(sam_matrix)
+    chosen, scores = best_candidate(problem, dict(reversed(candidates.items())))     # SAM first, as in the stage
     cells = {}
     for name, transform in candidates.items():
         metrics = evaluate(pair, transform.displacement_on(pair.fixed.grid)).summary
         tre = metrics["tre_median_mm"]
-        cells[name] = (f"{alignment_score(problem, transform):.3f} / {mind_agreement(problem, transform):.3f} / "
+        cells[name] = (f"{scores[name]:.3f} / {mind_agreement(problem, transform):.3f} / "
                        f"{metrics['mean_dice']:.3f}" + ("" if np.isnan(tre) else f" / {tre:.2f}"))
-    chosen, _ = best_candidate(problem, dict(reversed(candidates.items())))     # SAM first, as in the stage
     matches = (f"{details.get('confident_matches', 0)} / {details.get('inliers', '-')}, "
                f"RMS {details.get('inlier_rms_mm', '-')} mm, det {details.get('determinant', '-')}")
     verdict = "plausible" if sam_matrix is not None else reason.replace("|", "/")
