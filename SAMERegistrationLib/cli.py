@@ -95,11 +95,12 @@ def main(argv: list[str] | None = None) -> int:
                                    label_names=args.label_names, fixed_mask=args.fixed_mask,
                                    moving_mask=args.moving_mask, initial_transform=args.initial_transform)
     bars = None if args.quiet else _ProgressBars()
-    with warnings.catch_warnings(), terminate_like_ctrl_c():
+    cancel = threading.Event()
+    with warnings.catch_warnings(), terminate_like_ctrl_c(cancel):
         warnings.simplefilter("always")
         warnings.showwarning = print_warnings_as_lines("same-register")
         try:
-            summary = register_files(request, on_progress=bars, cancel=threading.Event())
+            summary = register_files(request, on_progress=bars, cancel=cancel)
         except InputError as error:
             print(f"same-register: error: {error}", file=sys.stderr)
             return EXIT_BAD_INPUT

@@ -20,22 +20,32 @@ def _in_main_thread() -> bool:
 
 
 @contextmanager
-def terminate_like_ctrl_c() -> Iterator[None]:
+def terminate_like_ctrl_c(cancel: threading.Event | None = None) -> Iterator[None]:
     """Within the block, SIGTERM (sent by batch systems, ``kill`` and the Slicer module's cancel)
-    raises KeyboardInterrupt like Ctrl-C, so the run stops cleanly; the previous handler is
-    restored afterwards."""
+    and SIGINT (Ctrl-C) raise KeyboardInterrupt, so the run stops cleanly; the previous handlers
+    are restored afterwards.
+
+    Args:
+        cancel: also set on either signal. Python drops an exception raised while it runs a
+            finaliser (``__del__``, a weakref or garbage-collector callback) with only an "Exception
+            ignored" line, so a signal that lands there would be lost; the registration's progress
+            checks see this event at its next step and stop it anyway.
+    """
     if not _in_main_thread() or not hasattr(signal, "SIGTERM"):
         yield
         return
 
     def interrupt(number, frame):
+        if cancel is not None:
+            cancel.set()
         raise KeyboardInterrupt(f"signal {number}")
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {number: signal.signal(number, interrupt) for number in _HELD_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        for number, handler in previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
 
 
 @contextmanager

@@ -153,7 +153,7 @@ def _run(args, emitter: _Emitter) -> int:
     warnings.showwarning = show_warning
     from .signals import terminate_like_ctrl_c
 
-    with terminate_like_ctrl_c():
+    with terminate_like_ctrl_c(cancel):
         return _register(args, emitter, cancel)
 
 

@@ -348,8 +348,10 @@ def test_the_staging_folders_of_a_pair_are_not_those_of_a_longer_id(tmp_path):
     assert staging_folders(tmp_path, "a-b") == [longer]
 
 
-def test_ctrl_c_stops_the_batch_and_leaves_no_partial_output(cohort, tmp_path):
-    """SIGINT to the whole process group, as Ctrl-C in a terminal sends it, once a pair has started."""
+@pytest.mark.parametrize("number, to_group", [(signal.SIGINT, True), (signal.SIGTERM, False)], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_stops_the_batch_and_leaves_no_partial_output(cohort, tmp_path, number, to_group):
+    """SIGINT to the whole process group, as Ctrl-C in a terminal sends it, or SIGTERM to the batch's
+    own process (``kill``), once a pair has started."""
     images = cohort.folder / "images"
     (tmp_path / "pairs.csv").write_text(f"fixed,moving\n{images}/fixed.nii.gz,{images}/moving_a.nii.gz\n"
                                         f"{images}/fixed.nii.gz,{images}/moving_b.nii.gz\n")
@@ -361,7 +363,7 @@ def test_ctrl_c_stops_the_batch_and_leaves_no_partial_output(cohort, tmp_path):
     try:
         _wait_for(lambda: list(outroot.glob(".partial-*")), 120, "the first pair to start")
         workers = psutil.Process(run.pid).children(recursive=True)
-        os.killpg(run.pid, signal.SIGINT)
+        (os.killpg if to_group else os.kill)(run.pid, number)
         stdout, stderr = run.communicate(timeout=120)
     finally:
         if run.poll() is None:

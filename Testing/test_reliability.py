@@ -17,6 +17,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import SimpleITK as sitk
 import torch
 
 from SAMERegistrationLib.cli import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_FAILED, main
-from SAMERegistrationLib.errors import InputError
+from SAMERegistrationLib.errors import InputError, RegistrationCancelled
 from SAMERegistrationLib.export import read_initial_transform, write_affine
 from SAMERegistrationLib.image import Image
 from SAMERegistrationLib.io import read_image, write_image
@@ -34,6 +35,7 @@ from SAMERegistrationLib.learning.objective import parse_similarity
 from SAMERegistrationLib.learning.training_pairs import TrainingScan
 from SAMERegistrationLib.learning.weights import sha256_file
 from SAMERegistrationLib.output_folder import locked_output_folder
+from SAMERegistrationLib.pipeline.progress import Progress
 from SAMERegistrationLib.io import label_pixel_type
 from SAMERegistrationLib.outputs import OUTPUT_FILES, WARPED_LABELS_FILE
 from SAMERegistrationLib.sam.embedding import load_sam
@@ -383,6 +385,27 @@ def test_held_signals_arrive_after_the_block():
             steps.append("the block ran to its end")
         steps.append("not reached")
     assert steps == ["the block ran to its end"]
+
+
+class _SignalledWhileCollected:
+    """Sends SIGTERM to this process from its finaliser, where Python drops any exception."""
+
+    def __del__(self):
+        signal.raise_signal(signal.SIGTERM)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped interrupt
+def test_a_signal_whose_interrupt_python_drops_still_cancels_the_run():
+    """A SIGTERM handled inside a finaliser loses its KeyboardInterrupt ("Exception ignored"), which
+    let a cancelled worker run to its end; the cancel event is set all the same, and the next
+    progress check raises RegistrationCancelled."""
+    cancel = threading.Event()
+    progress = Progress("test-stage", 0, 1, None, cancel)
+    with terminate_like_ctrl_c(cancel):
+        _SignalledWhileCollected()  # collected at once: the interrupt is raised in __del__ and dropped
+        assert cancel.is_set()
+        with pytest.raises(RegistrationCancelled, match="test-stage"):
+            progress.update(0.5)
 
 
 def test_sigterm_stops_the_run_cleanly_and_keeps_the_earlier_results(labelled_run, pair_files, tmp_path):

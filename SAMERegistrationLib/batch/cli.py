@@ -3,7 +3,7 @@
 Each pair's output set goes to ``OUTROOT/<id>/`` (the files of ``same-register``), and the results
 table ``OUTROOT/results.csv`` / ``results.json`` grows as pairs finish. A rerun skips the pairs
 whose complete output set exists (``--force`` registers them again). Exit code 0 when every pair is
-registered or skipped, 1 when some failed, 2 for bad input, 130 after Ctrl-C.
+registered or skipped, 1 when some failed, 2 for bad input, 130 after Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import argparse
 import logging
 import shutil
 import sys
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from ..errors import InputError
 from ..io import check_output_directory, read_header
 from ..outputs import read_complete_output
 from ..registration import RegistrationRequest, check_request, estimated_memory
+from ..signals import terminate_like_ctrl_c
 from .cluster import RESOURCE, connect, dashboard_link, plan_local_cluster, registration_slots, start_local_cluster
 from .pairs import Pair, read_pairs
 from .results import FAILED, OK, SKIPPED, PairResult, ResultsTable, result_from_summary
@@ -87,8 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: cancelled before any pair was registered", file=sys.stderr)
         return EXIT_CANCELLED
+    interrupted = threading.Event()
     try:
-        _run(client, jobs, table, outroot, args.force, quiet=args.quiet)
+        with terminate_like_ctrl_c(interrupted):
+            _run(client, jobs, table, outroot, args.force, args.quiet, interrupted)
     except KeyboardInterrupt:
         logging.getLogger("distributed").setLevel(logging.CRITICAL)   # the workers' ends are expected now
         _close(client, cluster)
@@ -169,14 +173,16 @@ def _announce(line: str, client, quiet: bool, local: bool) -> None:
     print(line + (f"; dashboard {link}" if link else ""), file=sys.stderr)
 
 
-def _run(client: Client, jobs: list[Job], table: ResultsTable, outroot: Path, force: bool, quiet: bool) -> None:
+def _run(client: Client, jobs: list[Job], table: ResultsTable, outroot: Path, force: bool, quiet: bool,
+         interrupted: threading.Event) -> None:
     """Registers every job and records each row as it finishes.
 
     At most as many pairs are handed to the scheduler as its workers offer :data:`RESOURCE` slots
     (re-counted every second, at least one): Dask assigns a task to a worker before the worker has
     a free slot, and a worker that dies takes every task assigned to it, so this keeps a crash to
     the one pair it was registering. On Ctrl-C (KeyboardInterrupt) the running pairs are told to
-    stop and the rest are cancelled before it propagates.
+    stop and the rest are cancelled before it propagates; ``interrupted`` (set by the signal handler)
+    raises it here too when Python dropped the interrupt in a finaliser.
     """
     cancel_name = f"same-register-batch-cancel-{uuid.uuid4().hex}"
     cancel = Event(cancel_name, client=client)
@@ -185,6 +191,8 @@ def _run(client: Client, jobs: list[Job], table: ResultsTable, outroot: Path, fo
     bar = tqdm(total=len(jobs), desc="pairs", unit="pair", file=sys.stderr, disable=quiet)
     try:
         while waiting or running:
+            if interrupted.is_set():
+                raise KeyboardInterrupt("interrupted")
             for job in waiting[:max(1, registration_slots(client)) - len(running)]:
                 future = client.submit(register_pair, job.request, job.pair.id, force, cancel_name, pure=False,
                                        key=f"register-{job.pair.id}-{uuid.uuid4().hex[:8]}", resources={RESOURCE: 1})
