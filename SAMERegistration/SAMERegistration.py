@@ -65,8 +65,8 @@ def _importLibraryPath() -> None:
 
 
 def _importLibrary():
-    """Imports the backend's MRML bridge (and so torch, though never CUDA): only call after
-    ensureDependencies()."""
+    """Imports the backend's MRML bridge (numpy, SimpleITK and VTK: never torch, which only the
+    registration process loads)."""
     _importLibraryPath()
     from SAMERegistrationLib import mrml
 
@@ -758,7 +758,7 @@ class SAMERegistrationLogic(ScriptedLoadableModuleLogic):
         self.keptFolder = pathlib.Path(self.run.folder) if parameters.keepFiles else None
         if self.keptFolder is not None:
             self._emit({"event": "note", "message": _("Files of this run are kept in {folder}").format(folder=self.keptFolder)})
-        logging.info(f"SAMERegistration: started worker process {self.run.worker.process.pid}")
+        logging.info(f"SAMERegistration: writing the inputs in {self.run.folder}, then starting the registration process")
         for note in self.run.log:
             self._emit({"event": "note", "message": note})
         if waitForCompletion:
