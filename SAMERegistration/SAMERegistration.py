@@ -82,7 +82,7 @@ class SAMERegistration(ScriptedLoadableModule):
         self.parent.title = _("SAME Registration")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Registration")]
         self.parent.dependencies = []
-        self.parent.contributors = ["SAMERegistration developers"]
+        self.parent.contributors = ["SAMERegistration developers (SAMERegistration project)"]
         iconPath = _resourcePath("Icons/SAMERegistration.png")
         if os.path.isfile(iconPath):  # also from a source tree, where Resources/ is beside this folder
             self.parent.icon = qt.QIcon(iconPath)
