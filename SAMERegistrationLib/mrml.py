@@ -167,15 +167,52 @@ def volume_array(node) -> VolumeArray:
     return VolumeArray(array, volume_grid(node))
 
 
+@dataclass(frozen=True)
+class VolumeImage:
+    """Voxels already in VTK's form, ready to become a volume node's image data.
+
+    Attributes:
+        image: a ``vtkImageData`` with origin 0 and spacing 1 (a volume node keeps its geometry in
+            its IJKToRAS matrix), not yet used by any node.
+        grid: where its voxels are (LPS mm).
+    """
+
+    image: object
+    grid: Grid
+
+
+def volume_image(image, dtype=np.float32) -> VolumeImage:
+    """A copy of an image (a :class:`VolumeArray` or a library
+    :class:`~SAMERegistrationLib.image.Image`) as ``dtype`` voxels in a new ``vtkImageData``.
+
+    Touches no node, so the slow part of filling a large volume node (allocating and copying its
+    voxels) can run on a background thread; :func:`set_volume_image` then is fast.
+    """
+    import vtk
+    from vtk.util import numpy_support
+
+    array = image.numpy()
+    data = vtk.vtkImageData()
+    data.SetDimensions(array.shape[::-1])
+    data.AllocateScalars(numpy_support.get_vtk_array_type(np.dtype(dtype)), 1)
+    numpy_support.vtk_to_numpy(data.GetPointData().GetScalars()).reshape(array.shape)[...] = array
+    return VolumeImage(data, image.grid)
+
+
+def set_volume_image(node, image: VolumeImage) -> None:
+    """Makes ``image`` a volume node's voxels and geometry (main thread); the node's display and
+    storage nodes are kept."""
+    node.SetAndObserveImageData(image.image)
+    node.SetIJKToRASMatrix(_vtk_matrix(image.grid.index_to_world_ras()))
+    node.StorableModified()
+    node.Modified()
+
+
 def image_to_volume(image, node, dtype=np.float32) -> None:
     """Replaces a volume node's voxels and geometry by those of an image (a :class:`VolumeArray`
     or a library :class:`~SAMERegistrationLib.image.Image`) as ``dtype``; the node's display and
     storage nodes are kept."""
-    import slicer
-
-    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(image.numpy().astype(dtype, copy=False)))
-    node.SetIJKToRASMatrix(_vtk_matrix(image.grid.index_to_world_ras()))
-    node.Modified()
+    set_volume_image(node, volume_image(image, dtype))
 
 
 def affine_ras(affine_lps: np.ndarray) -> np.ndarray:
@@ -707,8 +744,8 @@ class OutputData:
         whole_field: ``(3, D, H, W)`` float64 LPS mm, phi(x) - x of the whole result on ``field_grid``.
         affine: 4x4 LPS affine part, or None.
         inverse_grid, inverse_field: the inverse's displacement on a moving-space grid, or None.
-        warped: the warped volume on the fixed grid.
-        jacobian: the Jacobian map on the fixed grid, NaN outside the fixed body.
+        warped: the warped volume (float32) on the fixed grid.
+        jacobian: the Jacobian map (float32) on the fixed grid, NaN outside the fixed body.
         layers: the warped label layers on the fixed grid (see :func:`segmentation_to_label_layers`).
     """
 
@@ -717,8 +754,8 @@ class OutputData:
     affine: np.ndarray | None
     inverse_grid: Grid | None
     inverse_field: np.ndarray | None
-    warped: VolumeArray
-    jacobian: VolumeArray
+    warped: VolumeImage
+    jacobian: VolumeImage
     layers: list[VolumeArray]
 
 
@@ -765,8 +802,9 @@ def read_outputs(outdir: str | os.PathLike, summary: dict, fixed: VolumeArray, m
         if not volume.grid.same_as(fixed.grid):
             raise RuntimeError(f"load_outputs(): the {what} is not on the fixed volume's grid")
     # exactly the fixed geometry (the files store it in single precision)
-    return OutputData(field_grid, whole_field, affine, inverse_grid, inverse_field, VolumeArray(warped.array, fixed.grid),
-                      jacobian_in_body(VolumeArray(jacobian.array, fixed.grid), fixed),
+    return OutputData(field_grid, whole_field, affine, inverse_grid, inverse_field,
+                      volume_image(VolumeArray(warped.array, fixed.grid)),
+                      volume_image(jacobian_in_body(VolumeArray(jacobian.array, fixed.grid), fixed)),
                       [VolumeArray(layer.array, fixed.grid) for layer in layers])
 
 
@@ -790,12 +828,12 @@ def apply_outputs(data: OutputData, inputs: RegistrationInputs, outputs: Registr
         set_registration_references(result.inverse, inputs.moving, inputs.fixed)  # resamples fixed onto moving
     if result.warped is None:
         result.warped = _new_node(scene, "vtkMRMLScalarVolumeNode", f"{moving_name} registered")
-    image_to_volume(data.warped, result.warped)
-    copy_volume_display(inputs.moving, result.warped)
+    copy_volume_display(inputs.moving, result.warped)  # first: no automatic window/level of the new voxels
+    set_volume_image(result.warped, data.warped)
     if result.jacobian is None:
         result.jacobian = _new_node(scene, "vtkMRMLScalarVolumeNode", f"{moving_name} Jacobian")
-    image_to_volume(data.jacobian, result.jacobian)
     show_jacobian(result.jacobian)
+    set_volume_image(result.jacobian, data.jacobian)
     if data.layers:
         if result.warped_segmentation is None:
             result.warped_segmentation = _new_node(scene, "vtkMRMLSegmentationNode",
