@@ -142,13 +142,14 @@ class VolumeArray:
 
     @staticmethod
     def read(path: str | os.PathLike, dtype=np.float32) -> VolumeArray:
-        """Reads a scalar 3-D image file as ``dtype`` voxels with its geometry."""
+        """Reads a scalar 3-D image file as ``dtype`` voxels (None: the file's type) with its geometry."""
         import SimpleITK as sitk
 
         from .sitk_geometry import grid_of_sitk
 
         image = sitk.ReadImage(str(path))
-        return VolumeArray(sitk.GetArrayFromImage(image).astype(dtype, copy=False), grid_of_sitk(image))
+        array = sitk.GetArrayFromImage(image)
+        return VolumeArray(array if dtype is None else array.astype(dtype, copy=False), grid_of_sitk(image))
 
 
 def volume_array(node) -> VolumeArray:
@@ -433,20 +434,23 @@ def labels_to_segmentation(layers: list, table: list[SegmentLabel], segmentation
     with _temporary_nodes(scene):
         colors = scene.AddNewNodeByClass("vtkMRMLColorTableNode", "__SAMERegistration_temp_colors__")
         colors.SetTypeToUser()
-        colors.SetNumberOfColors(max([entry.value for entry in table], default=0) + 1)
+        largest = max([entry.value for entry in table], default=0)
+        colors.SetNumberOfColors(largest + 1)
         colors.SetColor(0, "Background", 0.0, 0.0, 0.0, 0.0)
         for entry in table:  # unique names: segment names may repeat
             colors.SetColor(entry.value, f"__label_{entry.value}", *entry.color, 1.0)
         segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
         segmentation.RemoveAllSegments()
         for index, labels in enumerate(layers):  # one import per layer: each becomes its own binary layer
-            values = labels.numpy()
-            present = [entry.value for entry in table if entry.layer == index and bool((values == entry.value).any())]
+            values = labels.numpy().astype(LABEL_DTYPE, copy=False)
+            counts = np.bincount(values.ravel(), minlength=largest + 1)  # one pass, also for many segments
+            present = [entry.value for entry in table if entry.layer == index and counts[entry.value] > 0]
             if not present:
                 continue
+            keep = np.zeros(len(counts), dtype=bool)
+            keep[present] = True
             labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__SAMERegistration_temp__")
-            slicer.util.updateVolumeFromArray(labelmap, np.where(np.isin(values, present), values, 0).astype(np.uint16))
-            labelmap.SetIJKToRASMatrix(_vtk_matrix(labels.grid.index_to_world_ras()))
+            set_volume_image(labelmap, volume_image(VolumeArray(np.where(keep[values], values, 0), labels.grid), LABEL_DTYPE))
             labelmap.CreateDefaultDisplayNodes()
             labelmap.GetDisplayNode().SetAndObserveColorNodeID(colors.GetID())
             if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation_node):
@@ -1012,11 +1016,16 @@ class NodeRegistration:
         self._cleanup()
 
     def _start_reading(self) -> None:
-        """Reads the output files on a thread (the GUI stays responsive); poll() applies them."""
-        fixed, moving_grid = volume_array(self.inputs.fixed), volume_grid(self.inputs.moving)
+        """Reads the output files on a thread (the GUI stays responsive); poll() applies them.
+
+        The fixed voxels (for the body the Jacobian map is shown in) are those the worker
+        registered, read back from its input file on the thread: no copy on the main thread."""
+        fixed_grid, moving_grid = volume_grid(self.inputs.fixed), volume_grid(self.inputs.moving)
+        fixed_file = self._prepared.files["fixed"]
 
         def read() -> None:
             try:
+                fixed = VolumeArray(VolumeArray.read(fixed_file, dtype=None).array, fixed_grid)
                 self._read = read_outputs(self.folder / "outputs", self.summary, fixed, moving_grid,
                                           self._prepared.segment_table)
             except Exception as error:  # noqa: BLE001 - reported as the run's error by _finish
