@@ -3,7 +3,8 @@
 Five roles, one class each: module metadata, typed parameter node, widget, logic (usable without
 the widget), and test. The computation runs in a separate Python process
 (:mod:`SAMERegistrationLib.worker`); every node conversion lives in :mod:`SAMERegistrationLib.mrml`.
-Heavy imports (torch and the library) happen inside functions, so the module appears at once.
+Heavy imports (the library, numpy, SimpleITK) happen inside functions, so the module appears at
+once; torch is never imported in Slicer's process (only the worker and probe processes load it).
 """
 
 import enum

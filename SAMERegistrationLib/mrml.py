@@ -1019,7 +1019,9 @@ class NodeRegistration:
         """Reads the output files on a thread (the GUI stays responsive); poll() applies them.
 
         The fixed voxels (for the body the Jacobian map is shown in) are those the worker
-        registered, read back from its input file on the thread: no copy on the main thread."""
+        registered, read back from its input file on the thread: no copy on the main thread. Once
+        everything is in memory the thread also removes the temporary folder (unless ``keep_files``),
+        as deleting its large files takes a while too."""
         fixed_grid, moving_grid = volume_grid(self.inputs.fixed), volume_grid(self.inputs.moving)
         fixed_file = self._prepared.files["fixed"]
 
@@ -1030,6 +1032,8 @@ class NodeRegistration:
                                           self._prepared.segment_table)
             except Exception as error:  # noqa: BLE001 - reported as the run's error by _finish
                 self._read = error
+            finally:
+                self._cleanup()
 
         self._reader = threading.Thread(target=read, daemon=True, name="SAMERegistration-outputs")
         self._reader.start()
