@@ -3,7 +3,8 @@
 Five roles, one class each: module metadata, typed parameter node, widget, logic (usable without
 the widget), and test. The computation runs in a separate Python process
 (:mod:`SAMERegistrationLib.worker`); every node conversion lives in :mod:`SAMERegistrationLib.mrml`.
-Heavy imports (torch and the library) happen inside functions, so the module appears at once.
+Heavy imports (the library, numpy, SimpleITK) happen inside functions, so the module appears at
+once; torch is never imported in Slicer's process (only the worker and probe processes load it).
 """
 
 import enum
@@ -65,8 +66,8 @@ def _importLibraryPath() -> None:
 
 
 def _importLibrary():
-    """Imports the backend's MRML bridge (and so torch, though never CUDA): only call after
-    ensureDependencies()."""
+    """Imports the backend's MRML bridge (numpy, SimpleITK and VTK: never torch, which only the
+    registration process loads)."""
     _importLibraryPath()
     from SAMERegistrationLib import mrml
 
@@ -82,7 +83,7 @@ class SAMERegistration(ScriptedLoadableModule):
         self.parent.title = _("SAME Registration")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Registration")]
         self.parent.dependencies = []
-        self.parent.contributors = ["SAMERegistration developers"]
+        self.parent.contributors = ["SAMERegistration developers (SAMERegistration project)"]
         iconPath = _resourcePath("Icons/SAMERegistration.png")
         if os.path.isfile(iconPath):  # also from a source tree, where Resources/ is beside this folder
             self.parent.icon = qt.QIcon(iconPath)
@@ -505,7 +506,7 @@ class SAMERegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.logTextEdit.clear()
             self.ui.progressBar.value = 0
             self.ui.progressBar.show()
-            self.ui.statusLabel.text = _("Starting...")
+            self.ui.statusLabel.text = _("Writing the inputs...")  # on a background thread, then the worker starts
             self.logic.process(parameters, waitForCompletion=False)
             self.updateGui()
 
@@ -758,7 +759,7 @@ class SAMERegistrationLogic(ScriptedLoadableModuleLogic):
         self.keptFolder = pathlib.Path(self.run.folder) if parameters.keepFiles else None
         if self.keptFolder is not None:
             self._emit({"event": "note", "message": _("Files of this run are kept in {folder}").format(folder=self.keptFolder)})
-        logging.info(f"SAMERegistration: started worker process {self.run.worker.process.pid}")
+        logging.info(f"SAMERegistration: writing the inputs in {self.run.folder}, then starting the registration process")
         for note in self.run.log:
             self._emit({"event": "note", "message": note})
         if waitForCompletion:
@@ -845,40 +846,40 @@ class SAMERegistrationLogic(ScriptedLoadableModuleLogic):
 # Test
 #
 class SAMERegistrationTest(ScriptedLoadableModuleTest):
-    """Runs a real small registration on the CPU with the logic (blocking path) and checks the outputs."""
+    """Runs a real small registration on the CPU with the logic (blocking path) and checks the
+    outputs, with numpy and SimpleITK only: like the module, the test loads no torch into Slicer."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
         self.setUp()
-        self.test_registration_of_a_known_deformation()
+        self.test_registration_of_a_known_translation()
 
-    def test_registration_of_a_known_deformation(self):
+    def test_registration_of_a_known_translation(self):
         import numpy as np
+        import SimpleITK as sitk
 
+        torchBefore = "torch" in sys.modules
         logic = SAMERegistrationLogic()
         if not logic.ensureDependencies(askUser=False):
             self.fail("dependencies missing")
         mrml = _importLibrary()
-        from SAMERegistrationLib.image import Image
-        from SAMERegistrationLib.preprocess import body_mask
-        from SAMERegistrationLib.spatial.warp import resample_image
-        from SAMERegistrationLib.synthetic import make_synthetic_pair
+        from SAMERegistrationLib.body import body_mask_array
+        from SAMERegistrationLib.sitk_geometry import grid_of_sitk
 
-        import SimpleITK as sitk
-        import torch
-
-        self.delayDisplay("Making a small CT pair with a known deformation")
-        torso = _resourcePath("SampleData/patientA_torso_ct.nii.gz")
-        source = Image.from_sitk(sitk.ReadImage(torso))
-        small_grid = source.grid.with_spacing(8.0)
-        fixed_image = resample_image(source, small_grid, fill=-1024.0)
-        pair = make_synthetic_pair(fixed_image, translation_mm=(30.0, -15.0, 10.0), field_amplitude_mm=4.0)
+        self.delayDisplay("Making a small CT pair with a known translation")
+        source = sitk.ReadImage(_resourcePath("SampleData/patientA_torso_ct.nii.gz"), sitk.sitkFloat32)
+        grid = grid_of_sitk(source).with_spacing(8.0)
+        fixedImage = sitk.Resample(source, grid.size_ijk, sitk.Transform(), sitk.sitkLinear, grid.origin, grid.spacing,
+                                   tuple(grid.direction_matrix.ravel()), -1024.0)
+        shiftLps = np.array([30.0, -15.0, 10.0])  # moving(y) = fixed(y + shift): phi(x) = x - shift
+        movingImage = sitk.Resample(fixedImage, fixedImage, sitk.TranslationTransform(3, tuple(shiftLps)),
+                                    sitk.sitkLinear, -1024.0)
         fixed = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "fixed")
         moving = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "moving")
-        mrml.image_to_volume(pair.fixed, fixed)
-        mrml.image_to_volume(pair.moving, moving)
+        for image, node in ((fixedImage, fixed), (movingImage, moving)):
+            mrml.image_to_volume(mrml.VolumeArray(sitk.GetArrayFromImage(image), grid), node)
         movingBefore = slicer.util.arrayFromVolume(moving).copy()
 
         parameters = logic.getParameterNode()
@@ -891,12 +892,14 @@ class SAMERegistrationTest(ScriptedLoadableModuleTest):
         self.assertIsNotNone(result.transform)
         self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(moving), movingBefore), "moving volume modified")
         self.assertIsNone(moving.GetParentTransformNode())
-        body = body_mask(pair.fixed, True).data.bool()
-        points = pair.fixed.grid.world_points(dtype=torch.float64)[body]
-        mapped = torch.from_numpy(mrml.map_points_lps(result.transform, points.numpy()))
-        error = (pair.psi.map_points(mapped) - points).norm(dim=-1)
-        before = (pair.psi.map_points(points) - points).norm(dim=-1)
-        self.delayDisplay(f"median error {float(before.median()):.1f} mm before, {float(error.median()):.1f} mm after")
-        self.assertLess(float(error.median()), 0.25 * float(before.median()))
+        body = body_mask_array(sitk.GetArrayFromImage(fixedImage), grid, True).astype(bool)
+        indexToWorld = grid.index_to_world()
+        points = np.argwhere(body)[:, ::-1] @ indexToWorld[:3, :3].T + indexToWorld[:3, 3]  # (i, j, k) -> LPS mm
+        error = np.linalg.norm(mrml.map_points_lps(result.transform, points) - (points - shiftLps), axis=1)
+        before = float(np.linalg.norm(shiftLps))
+        self.delayDisplay(f"median error {before:.1f} mm before, {float(np.median(error)):.1f} mm after")
+        self.assertLess(float(np.median(error)), 0.25 * before)
         self.assertEqual(slicer.util.arrayFromVolume(result.warped).shape, slicer.util.arrayFromVolume(fixed).shape)
+        if not torchBefore:
+            self.assertNotIn("torch", sys.modules, "Slicer's own process imported torch")
         self.delayDisplay("Test passed")

@@ -9,6 +9,7 @@ set(SAMERegistrationLib_PYTHON_SCRIPTS
   SAMERegistrationLib/batch/pairs.py
   SAMERegistrationLib/batch/results.py
   SAMERegistrationLib/batch/task.py
+  SAMERegistrationLib/body.py
   SAMERegistrationLib/cli.py
   SAMERegistrationLib/command_line.py
   SAMERegistrationLib/descriptors/__init__.py
@@ -21,6 +22,7 @@ set(SAMERegistrationLib_PYTHON_SCRIPTS
   SAMERegistrationLib/fcn/train.py
   SAMERegistrationLib/image.py
   SAMERegistrationLib/io.py
+  SAMERegistrationLib/label_names.py
   SAMERegistrationLib/learning/__init__.py
   SAMERegistrationLib/learning/instance_optimisation.py
   SAMERegistrationLib/learning/multiresolution.py
@@ -40,6 +42,7 @@ set(SAMERegistrationLib_PYTHON_SCRIPTS
   SAMERegistrationLib/networks/__init__.py
   SAMERegistrationLib/networks/unet.py
   SAMERegistrationLib/nifti.py
+  SAMERegistrationLib/output_files.py
   SAMERegistrationLib/output_folder.py
   SAMERegistrationLib/outputs.py
   SAMERegistrationLib/overview.py
@@ -67,6 +70,7 @@ set(SAMERegistrationLib_PYTHON_SCRIPTS
   SAMERegistrationLib/segmentation/network.py
   SAMERegistrationLib/segmentation/train.py
   SAMERegistrationLib/signals.py
+  SAMERegistrationLib/sitk_geometry.py
   SAMERegistrationLib/spatial/__init__.py
   SAMERegistrationLib/spatial/affine_fit.py
   SAMERegistrationLib/spatial/fields.py

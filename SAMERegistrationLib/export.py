@@ -27,7 +27,7 @@ import SimpleITK as sitk
 import torch
 
 from .errors import InputError
-from .image import grid_of_sitk, with_grid_geometry
+from .sitk_geometry import affine_from_sitk, grid_of_sitk, sample_displacement, with_grid_geometry
 from .spatial.grid import LPS_TO_RAS, Grid
 from .spatial.transform import InverseTransform, SpatialTransform
 
@@ -44,27 +44,6 @@ def affine_to_sitk(matrix: np.ndarray) -> sitk.AffineTransform:
     transform.SetMatrix(tuple(matrix[:3, :3].ravel()))
     transform.SetTranslation(tuple(matrix[:3, 3]))
     return transform
-
-
-def affine_from_sitk(transform: sitk.Transform) -> np.ndarray:
-    """The 4x4 LPS matrix of any linear 3-D SimpleITK transform (fixed -> moving).
-
-    Works for Affine, Euler3D, Similarity3D, Versor(Rigid)3D, Translation, Scale(Versor/Skew) and a
-    CompositeTransform of linear transforms (whose last added transform acts first), by mapping the
-    origin and the unit points through ``transform``; centres of rotation are thereby included.
-
-    Raises:
-        ValueError: the transform is not 3-D or not linear.
-    """
-    if transform.GetDimension() != 3 or not transform.IsLinear():
-        raise ValueError(f"affine_from_sitk(): needs a linear 3-D transform, got a "
-                         f"{transform.GetDimension()}-D {transform.GetName()}")
-    origin = np.array(transform.TransformPoint((0.0, 0.0, 0.0)))
-    matrix = np.eye(4)
-    for axis in range(3):
-        matrix[:3, axis] = np.array(transform.TransformPoint(tuple(np.eye(3)[axis]))) - origin
-    matrix[:3, 3] = origin
-    return matrix
 
 
 def write_affine(matrix: np.ndarray, path: str | os.PathLike) -> None:
@@ -325,12 +304,7 @@ def _linear_chain(linear: list[sitk.Transform]) -> np.ndarray:
 
 def _sample_displacement(transform: sitk.Transform, grid: Grid) -> torch.Tensor:
     """``transform(x) - x`` at the voxel centres of ``grid``: ``(3, D, H, W)`` float32 LPS mm."""
-    reference = with_grid_geometry(sitk.Image(grid.size_ijk, sitk.sitkUInt8), grid)
-    sampler = sitk.TransformToDisplacementFieldFilter()
-    sampler.SetReferenceImage(reference)
-    sampler.SetOutputPixelType(sitk.sitkVectorFloat64)
-    vectors = sitk.GetArrayFromImage(sampler.Execute(transform))
-    return torch.movedim(torch.from_numpy(vectors).float(), -1, 0).contiguous()
+    return torch.from_numpy(sample_displacement(transform, grid)).float().contiguous()
 
 
 def _write_sitk_transform(transform: sitk.Transform, path: str | os.PathLike) -> None:

@@ -12,20 +12,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from .sitk_geometry import grid_of_sitk, with_grid_geometry
 from .spatial.grid import Grid
-
-
-def grid_of_sitk(image: sitk.Image) -> Grid:
-    """The :class:`Grid` of a 3-D SimpleITK image (ITK size reversed into array order)."""
-    return Grid.create(image.GetSize()[::-1], image.GetSpacing(), image.GetOrigin(), image.GetDirection())
-
-
-def with_grid_geometry(image: sitk.Image, grid: Grid) -> sitk.Image:
-    """Sets ``grid``'s spacing, origin and direction on a SimpleITK image (in place) and returns it."""
-    image.SetSpacing(grid.spacing)
-    image.SetOrigin(grid.origin)
-    image.SetDirection(tuple(grid.direction_matrix.ravel()))
-    return image
 
 
 @dataclass(frozen=True)

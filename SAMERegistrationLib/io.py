@@ -8,7 +8,6 @@ geometry exactly (LPS mm, see :mod:`SAMERegistrationLib.spatial.grid`); user fil
 from __future__ import annotations
 
 import functools
-import json
 import os
 import tempfile
 import warnings
@@ -26,8 +25,6 @@ from .spatial.grid import Grid
 from .spatial.warp import resample_image, resample_labels
 
 _MIN_VOXELS_PER_AXIS = 4
-LABEL_NAMES_FILE = "label_names.json"
-"""Names of the labels of the label maps in a folder: a JSON object {"1": "spleen", ...}."""
 
 
 def read_image(path: str | os.PathLike, role: str = "fixed image") -> Image:
@@ -152,38 +149,6 @@ def read_grid(path: str | os.PathLike, role: str = "reference image") -> Grid:
         InputError: the file is missing or unreadable or not a single scalar 3-D volume.
     """
     return grid_of_sitk(_read_volume(path, role))
-
-
-def read_label_names(path: str | os.PathLike, role: str = "label names") -> dict[int, str]:
-    """Reads a label-name file: a JSON object mapping label values to names, ``{"1": "spleen"}``.
-
-    Raises:
-        InputError: unreadable file, not JSON, or keys that are not non-negative integers or
-            values that are not text.
-    """
-    source = Path(path)
-    try:
-        data = json.loads(source.read_text(encoding="utf-8"))
-    except FileNotFoundError as error:
-        raise InputError(f"{role} {source}: does not exist: check the path") from error
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(f"{role} {source}: cannot be read as JSON ({error}): give a JSON object such as "
-                         '{"1": "liver", "2": "spleen"}') from error
-    if not isinstance(data, dict) or not all(isinstance(key, str) and key.isdigit() and isinstance(name, str)
-                                             for key, name in data.items()):
-        raise InputError(f"{role} {source}: is not a JSON object of label values and names: give one such as "
-                         '{"1": "liver", "2": "spleen"}')
-    return {int(key): name for key, name in data.items()}
-
-
-def label_names_beside(*label_paths: str | os.PathLike | None) -> dict[int, str]:
-    """The names in the :data:`LABEL_NAMES_FILE` beside the first of ``label_paths`` that has one
-    (files, or DICOM folders whose parent holds it); empty when none has."""
-    for path in label_paths:
-        candidate = None if path is None else Path(path).parent / LABEL_NAMES_FILE
-        if candidate is not None and candidate.is_file():
-            return read_label_names(candidate)
-    return {}
 
 
 def read_mask(path: str | os.PathLike, image: Image, role: str = "fixed mask") -> Image:

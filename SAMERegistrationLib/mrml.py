@@ -2,7 +2,14 @@
 
 Everything that touches a node lives here, so it is tested without the Slicer application
 (pip ``slicer-core``). ``slicer`` and ``vtk`` are imported inside the functions: importing this
-module needs neither.
+module needs neither. This module runs in Slicer's own process and never imports torch (nor
+anything that does): voxels travel as numpy arrays (:class:`VolumeArray`), files are written and
+read with SimpleITK, and only the worker process (:mod:`SAMERegistrationLib.worker`) loads torch
+and talks to the GPU.
+
+Slicer's main thread must not wait for slow file I/O: :class:`NodeRegistration` copies the nodes'
+voxels on the main thread, writes them for the worker on a background thread, and reads the
+worker's outputs on another before it puts them into nodes on the main thread.
 
 Conventions (see :mod:`SAMERegistrationLib.spatial.grid`): the library works in LPS mm with arrays
 indexed ``[k, j, i]``; Slicer nodes are RAS. Every conversion below goes through
@@ -30,6 +37,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -38,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import LABEL_NAMES_FILE
+from .label_names import LABEL_NAMES_FILE
 from .worker import EXTRA_LABEL_LAYERS, warped_layer_file
 from .spatial.grid import LPS_TO_RAS, Grid
 
@@ -60,8 +68,8 @@ JACOBIAN_WINDOW = (2.0, 1.0)
 """(window, level) of the Jacobian display: J in [0, 2] spans the colour map, 1 at its centre."""
 JACOBIAN_OPACITY = 0.6
 """Opacity of the Jacobian map shown over the fixed volume."""
-BODY_THRESHOLD_HU = -500.0
-"""Fixed-volume voxels above this are the body (CT): the Jacobian map is shown there only."""
+LABEL_DTYPE = np.uint16
+"""Voxel type of the label maps made from segments (values 1, 2, ... one per segment)."""
 
 
 # --------------------------------------------------------------------------------------- geometry
@@ -102,35 +110,110 @@ def volume_grid(node) -> Grid:
     return Grid.from_index_to_world_ras((dims[2], dims[1], dims[0]), _numpy_matrix(ijk_to_ras))
 
 
-def volume_to_image(node, dtype=None):
-    """A copy of a scalar volume node as a library :class:`~SAMERegistrationLib.image.Image`.
+@dataclass(frozen=True)
+class VolumeArray:
+    """A volume's voxels and grid as Slicer's own process holds them (numpy; no torch).
+
+    Attributes:
+        array: voxel values indexed ``[k, j, i]`` (the node's scalar type, :data:`LABEL_DTYPE` for
+            labels, float32 for maps).
+        grid: where each voxel is (LPS mm).
+    """
+
+    array: np.ndarray
+    grid: Grid
+
+    def __post_init__(self) -> None:
+        if tuple(self.array.shape) != self.grid.shape:
+            raise ValueError(f"VolumeArray: array shape {self.array.shape} does not match grid shape {self.grid.shape}")
+
+    def numpy(self) -> np.ndarray:
+        """The voxel array, ``[k, j, i]`` (as :meth:`Image.numpy <SAMERegistrationLib.image.Image.numpy>`)."""
+        return self.array
+
+    def write(self, path: str | os.PathLike) -> None:
+        """Writes the voxels (their own type) with their geometry, uncompressed (for the worker: fast)."""
+        import SimpleITK as sitk
+
+        from .sitk_geometry import with_grid_geometry
+
+        sitk.WriteImage(with_grid_geometry(sitk.GetImageFromArray(self.array), self.grid), str(path),
+                        useCompression=False)
+
+    @staticmethod
+    def read(path: str | os.PathLike, dtype=np.float32) -> VolumeArray:
+        """Reads a scalar 3-D image file as ``dtype`` voxels (None: the file's type) with its geometry."""
+        import SimpleITK as sitk
+
+        from .sitk_geometry import grid_of_sitk
+
+        image = sitk.ReadImage(str(path))
+        array = sitk.GetArrayFromImage(image)
+        return VolumeArray(array if dtype is None else array.astype(dtype, copy=False), grid_of_sitk(image))
+
+
+def volume_array(node) -> VolumeArray:
+    """A copy of a scalar volume node's voxels (its own scalar type) and grid.
 
     The node's own coordinates are used (a parent transform is not applied).
 
-    Args:
-        node: a ``vtkMRMLScalarVolumeNode`` (or labelmap volume node).
-        dtype: torch dtype of the result; default float32.
+    Raises:
+        ValueError: the node is not a scalar volume.
     """
     import slicer
-    import torch
-
-    from .image import Image
 
     array = np.array(slicer.util.arrayFromVolume(node), copy=True)
     if array.ndim != 3:
-        raise ValueError(f"volume_to_image(): {node.GetName()!r} is not a scalar volume (array shape {array.shape})")
-    tensor = torch.from_numpy(np.ascontiguousarray(array)).to(dtype or torch.float32)
-    return Image(tensor, volume_grid(node))
+        raise ValueError(f"volume_array(): {node.GetName()!r} is not a scalar volume (array shape {array.shape})")
+    return VolumeArray(array, volume_grid(node))
+
+
+@dataclass(frozen=True)
+class VolumeImage:
+    """Voxels already in VTK's form, ready to become a volume node's image data.
+
+    Attributes:
+        image: a ``vtkImageData`` with origin 0 and spacing 1 (a volume node keeps its geometry in
+            its IJKToRAS matrix), not yet used by any node.
+        grid: where its voxels are (LPS mm).
+    """
+
+    image: object
+    grid: Grid
+
+
+def volume_image(image, dtype=np.float32) -> VolumeImage:
+    """A copy of an image (a :class:`VolumeArray` or a library
+    :class:`~SAMERegistrationLib.image.Image`) as ``dtype`` voxels in a new ``vtkImageData``.
+
+    Touches no node, so the slow part of filling a large volume node (allocating and copying its
+    voxels) can run on a background thread; :func:`set_volume_image` then is fast.
+    """
+    import vtk
+    from vtk.util import numpy_support
+
+    array = image.numpy()
+    data = vtk.vtkImageData()
+    data.SetDimensions(array.shape[::-1])
+    data.AllocateScalars(numpy_support.get_vtk_array_type(np.dtype(dtype)), 1)
+    numpy_support.vtk_to_numpy(data.GetPointData().GetScalars()).reshape(array.shape)[...] = array
+    return VolumeImage(data, image.grid)
+
+
+def set_volume_image(node, image: VolumeImage) -> None:
+    """Makes ``image`` a volume node's voxels and geometry (main thread); the node's display and
+    storage nodes are kept."""
+    node.SetAndObserveImageData(image.image)
+    node.SetIJKToRASMatrix(_vtk_matrix(image.grid.index_to_world_ras()))
+    node.StorableModified()
+    node.Modified()
 
 
 def image_to_volume(image, node, dtype=np.float32) -> None:
-    """Replaces a volume node's voxels and geometry by those of a library image (node's
-    display and storage nodes are kept)."""
-    import slicer
-
-    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(image.numpy().astype(dtype, copy=False)))
-    node.SetIJKToRASMatrix(_vtk_matrix(image.grid.index_to_world_ras()))
-    node.Modified()
+    """Replaces a volume node's voxels and geometry by those of an image (a :class:`VolumeArray`
+    or a library :class:`~SAMERegistrationLib.image.Image`) as ``dtype``; the node's display and
+    storage nodes are kept."""
+    set_volume_image(node, volume_image(image, dtype))
 
 
 def affine_ras(affine_lps: np.ndarray) -> np.ndarray:
@@ -278,16 +361,12 @@ def segmentation_to_labels(segmentation_node, reference_volume, segment_ids: lis
             in ``values`` get values after the largest given one.
 
     Returns:
-        ``(labels, table)``: an int64 library :class:`Image` on the reference grid and the
+        ``(labels, table)``: a :data:`LABEL_DTYPE` :class:`VolumeArray` on the reference grid and the
         :class:`SegmentLabel` of each segment. Where segments overlap, the later one wins (a
         warning says how many voxels); :func:`segmentation_to_label_layers` keeps every segment whole.
     """
-    import torch
-
-    from .image import Image
-
     grid = volume_grid(reference_volume)
-    labels = np.zeros(grid.shape, dtype=np.int64)
+    labels = np.zeros(grid.shape, dtype=LABEL_DTYPE)
     table: list[SegmentLabel] = []
     next_value = max(values.values(), default=0) + 1 if values else 1
     overlap = 0
@@ -303,7 +382,7 @@ def segmentation_to_labels(segmentation_node, reference_volume, segment_ids: lis
     if overlap:
         warnings.warn(f"segmentation {segmentation_node.GetName()!r}: segments overlap in {overlap} voxels; "
                       "each such voxel is kept in the last segment only", stacklevel=2)
-    return Image(torch.from_numpy(labels), grid), table
+    return VolumeArray(labels, grid), table
 
 
 def segmentation_to_label_layers(segmentation_node, reference_volume):
@@ -311,14 +390,10 @@ def segmentation_to_label_layers(segmentation_node, reference_volume):
     goes into the first layer it does not overlap, so overlapping segments land in different layers.
 
     Returns:
-        ``(layers, table)``: int64 library :class:`Image` objects on the reference grid (values
-        1, 2, ... unique over all layers) and the :class:`SegmentLabel` of each segment, in order,
-        with its ``layer``.
+        ``(layers, table)``: :data:`LABEL_DTYPE` :class:`VolumeArray` objects on the reference grid
+        (values 1, 2, ... unique over all layers) and the :class:`SegmentLabel` of each segment, in
+        order, with its ``layer``.
     """
-    import torch
-
-    from .image import Image
-
     grid = volume_grid(reference_volume)
     layers: list[np.ndarray] = []
     table: list[SegmentLabel] = []
@@ -326,13 +401,13 @@ def segmentation_to_label_layers(segmentation_node, reference_volume):
                                                          start=1):
         layer = next((index for index, existing in enumerate(layers) if not (mask & (existing > 0)).any()), None)
         if layer is None:
-            layers.append(np.zeros(grid.shape, dtype=np.int64))
+            layers.append(np.zeros(grid.shape, dtype=LABEL_DTYPE))
             layer = len(layers) - 1
         layers[layer][mask] = value
         table.append(SegmentLabel(value, segment_id, segment.GetName(), tuple(segment.GetColor()), layer))
     if not layers:
-        layers.append(np.zeros(grid.shape, dtype=np.int64))
-    return [Image(torch.from_numpy(layer), grid) for layer in layers], table
+        layers.append(np.zeros(grid.shape, dtype=LABEL_DTYPE))
+    return [VolumeArray(layer, grid) for layer in layers], table
 
 
 def labels_to_segmentation(layers: list, table: list[SegmentLabel], segmentation_node, reference_volume,
@@ -340,7 +415,7 @@ def labels_to_segmentation(layers: list, table: list[SegmentLabel], segmentation
     """Replaces the segments of ``segmentation_node`` by one segment per entry of ``table``.
 
     Args:
-        layers: int library :class:`Image` objects on ``reference_volume``'s grid, one per layer of
+        layers: integer :class:`VolumeArray` objects on ``reference_volume``'s grid, one per layer of
             ``table`` (see :func:`segmentation_to_label_layers`): overlapping segments stay whole.
         table: which value of which layer becomes which segment (name and colour).
         segmentation_node: the output node; its previous segments are removed.
@@ -359,20 +434,23 @@ def labels_to_segmentation(layers: list, table: list[SegmentLabel], segmentation
     with _temporary_nodes(scene):
         colors = scene.AddNewNodeByClass("vtkMRMLColorTableNode", "__SAMERegistration_temp_colors__")
         colors.SetTypeToUser()
-        colors.SetNumberOfColors(max([entry.value for entry in table], default=0) + 1)
+        largest = max([entry.value for entry in table], default=0)
+        colors.SetNumberOfColors(largest + 1)
         colors.SetColor(0, "Background", 0.0, 0.0, 0.0, 0.0)
         for entry in table:  # unique names: segment names may repeat
             colors.SetColor(entry.value, f"__label_{entry.value}", *entry.color, 1.0)
         segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
         segmentation.RemoveAllSegments()
         for index, labels in enumerate(layers):  # one import per layer: each becomes its own binary layer
-            values = labels.numpy()
-            present = [entry.value for entry in table if entry.layer == index and bool((values == entry.value).any())]
+            values = labels.numpy().astype(LABEL_DTYPE, copy=False)
+            counts = np.bincount(values.ravel(), minlength=largest + 1)  # one pass, also for many segments
+            present = [entry.value for entry in table if entry.layer == index and counts[entry.value] > 0]
             if not present:
                 continue
+            keep = np.zeros(len(counts), dtype=bool)
+            keep[present] = True
             labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__SAMERegistration_temp__")
-            slicer.util.updateVolumeFromArray(labelmap, np.where(np.isin(values, present), values, 0).astype(np.uint16))
-            labelmap.SetIJKToRASMatrix(_vtk_matrix(labels.grid.index_to_world_ras()))
+            set_volume_image(labelmap, volume_image(VolumeArray(np.where(keep[values], values, 0), labels.grid), LABEL_DTYPE))
             labelmap.CreateDefaultDisplayNodes()
             labelmap.GetDisplayNode().SetAndObserveColorNodeID(colors.GetID())
             if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation_node):
@@ -425,16 +503,13 @@ def show_jacobian(node) -> None:
     display.SetThreshold(-1e30, 1e30)
 
 
-def jacobian_in_body(jacobian, fixed):
-    """The Jacobian map (library Image on the fixed grid) with NaN outside the fixed image's body
-    mask (:func:`~SAMERegistrationLib.preprocess.body_mask`, as for summary.json's statistics)."""
-    import torch
+def jacobian_in_body(jacobian: VolumeArray, fixed: VolumeArray) -> VolumeArray:
+    """The Jacobian map (float32, on the fixed grid) with NaN outside the fixed volume's body
+    (:func:`~SAMERegistrationLib.body.body_mask_array`, as for summary.json's statistics)."""
+    from .body import body_mask_array, looks_like_ct_array
 
-    from .image import Image
-    from .preprocess import body_mask, looks_like_ct
-
-    body = body_mask(fixed, looks_like_ct(fixed)).data.bool()
-    return Image(torch.where(body, jacobian.data.float(), torch.tensor(float("nan"))), jacobian.grid)
+    body = body_mask_array(fixed.array, fixed.grid, looks_like_ct_array(fixed.array)).astype(bool)
+    return VolumeArray(np.where(body, jacobian.array.astype(np.float32), np.float32(np.nan)), jacobian.grid)
 
 
 def set_registration_references(transform, fixed, moving) -> None:
@@ -535,13 +610,25 @@ class RegistrationOutputs:
 
 @dataclass
 class PreparedInputs:
-    """Input files written for the worker and what is needed to read its outputs back."""
+    """The worker's input files: their paths (known at once), the voxels still to be written, and
+    what is needed to read the worker's outputs back.
+
+    Attributes:
+        files: request field -> path of each input file (``fixed``, ``moving``, ``moving_labels`` ...).
+        segment_table: the moving segments' label values (see :func:`segmentation_to_label_layers`).
+        extra_label_layers: label files of the moving segments that overlap those of
+            ``files["moving_labels"]``.
+        notes: what the user should know about the inputs (e.g. an initial transform taken over).
+        pending: files not yet written: path -> voxels, in order.
+        label_names: the text of the :data:`LABEL_NAMES_FILE` to write beside the moving labels.
+    """
 
     files: dict[str, str]
     segment_table: list[SegmentLabel] = field(default_factory=list)
     extra_label_layers: list[str] = field(default_factory=list)
-    """Label files of the moving segments that overlap those of ``files["moving_labels"]``."""
     notes: list[str] = field(default_factory=list)
+    pending: dict[str, VolumeArray] = field(default_factory=dict)
+    label_names: str | None = None
 
 
 def _check_not_transformed(node, role: str) -> None:
@@ -550,14 +637,18 @@ def _check_not_transformed(node, role: str) -> None:
                          "harden the transform (Data module) or remove it first")
 
 
-def write_inputs(inputs: RegistrationInputs, folder: str | os.PathLike) -> PreparedInputs:
-    """Writes the input nodes as files the backend reads (NRRD, ITK transform) into ``folder``.
+def prepare_inputs(inputs: RegistrationInputs, folder: str | os.PathLike) -> PreparedInputs:
+    """Checks the input nodes and copies what the worker needs from them (main thread: reads nodes).
 
-    A moving volume placed under a (non-nested) transform is registered from that transform when no
-    initial transform is given. Raises ValueError for inputs that cannot be used as they are.
+    The voxels of the volumes, of the segments as label maps and of the masks are copied into
+    :attr:`PreparedInputs.pending` (written by :func:`write_prepared_inputs`, on any thread); an
+    initial transform is written into ``folder`` at once (through Slicer's transform writer). A
+    moving volume placed under a (non-nested) transform is registered from that transform when no
+    initial transform is given.
+
+    Raises:
+        ValueError: inputs that cannot be used as they are (nothing is written then).
     """
-    import SimpleITK as sitk
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if inputs.fixed is None or inputs.moving is None:
@@ -585,37 +676,60 @@ def write_inputs(inputs: RegistrationInputs, folder: str | os.PathLike) -> Prepa
             raise ValueError(f"{role} {node.GetName()!r} must be under the same transform as the moving volume "
                              "(or both under none)")
 
-    def write(image, name: str, pixel=None) -> str:
-        path = folder / name
-        sitk.WriteImage(image.to_sitk(pixel), str(path), useCompression=False)
-        return str(path)
+    def add(volume: VolumeArray, name: str) -> str:
+        path = str(folder / name)
+        prepared.pending[path] = volume
+        return path
 
-    prepared.files["fixed"] = write(volume_to_image(inputs.fixed), "fixed.nrrd")
-    prepared.files["moving"] = write(volume_to_image(inputs.moving), "moving.nrrd")
+    prepared.files["fixed"] = add(volume_array(inputs.fixed), "fixed.nrrd")
+    prepared.files["moving"] = add(volume_array(inputs.moving), "moving.nrrd")
     if inputs.moving_segmentation is not None:
         layers, table = segmentation_to_label_layers(inputs.moving_segmentation, inputs.moving)
         prepared.segment_table = table
-        prepared.files["moving_labels"] = write(layers[0], "moving_labels.nrrd", sitk.sitkUInt16)
+        prepared.files["moving_labels"] = add(layers[0], "moving_labels.nrrd")
         # overlapping segments: the worker warps the other layers like the first (worker.py)
-        prepared.extra_label_layers = [write(layer, f"moving_labels_layer{index}.nrrd", sitk.sitkUInt16)
+        prepared.extra_label_layers = [add(layer, f"moving_labels_layer{index}.nrrd")
                                        for index, layer in enumerate(layers[1:], start=1)]
         # the segment names name the labels of summary.json (read by the backend from beside the labels)
-        (folder / LABEL_NAMES_FILE).write_text(json.dumps({str(entry.value): entry.name for entry in table}))
+        prepared.label_names = json.dumps({str(entry.value): entry.name for entry in table})
         if inputs.fixed_segmentation is not None:
             fixed_labels, _ = segmentation_to_labels(inputs.fixed_segmentation, inputs.fixed,
                                                      values={entry.name: entry.value for entry in table})
-            prepared.files["fixed_labels"] = write(fixed_labels, "fixed_labels.nrrd", sitk.sitkUInt16)
+            prepared.files["fixed_labels"] = add(fixed_labels, "fixed_labels.nrrd")
     for node, volume, role in ((inputs.fixed_mask, inputs.fixed, "fixed_mask"),
                                (inputs.moving_mask, inputs.moving, "moving_mask")):
         if node is not None:
-            from .image import Image
-
-            mask, _ = segmentation_to_labels(node, volume)
-            prepared.files[role] = write(Image((mask.data > 0).long(), mask.grid), f"{role}.nrrd", sitk.sitkUInt8)
+            labels, _ = segmentation_to_labels(node, volume)
+            prepared.files[role] = add(VolumeArray((labels.array > 0).astype(np.uint8), labels.grid), f"{role}.nrrd")
     if initial is not None:
         path = folder / "initial_transform.h5"
         write_transform_node(initial, path)
         prepared.files["initial_transform"] = str(path)
+    return prepared
+
+
+def write_prepared_inputs(prepared: PreparedInputs, cancel: threading.Event | None = None) -> bool:
+    """Writes the files :func:`prepare_inputs` left pending (no node is touched: any thread).
+
+    Each file is complete once this returns True; the pending voxels are released as they are
+    written. With ``cancel`` set it stops before the next file and returns False (what was written
+    stays: the caller removes the folder).
+    """
+    while prepared.pending:
+        if cancel is not None and cancel.is_set():
+            return False
+        path = next(iter(prepared.pending))
+        prepared.pending[path].write(path)
+        del prepared.pending[path]
+    if prepared.label_names is not None:
+        (Path(prepared.files["moving_labels"]).parent / LABEL_NAMES_FILE).write_text(prepared.label_names)
+    return True
+
+
+def write_inputs(inputs: RegistrationInputs, folder: str | os.PathLike) -> PreparedInputs:
+    """:func:`prepare_inputs` and :func:`write_prepared_inputs` in one call (blocking, main thread)."""
+    prepared = prepare_inputs(inputs, folder)
+    write_prepared_inputs(prepared)
     return prepared
 
 
@@ -631,69 +745,71 @@ class OutputData:
 
     Attributes:
         field_grid: the fixed working grid of ``whole_field``.
-        whole_field: ``(3, D, H, W)`` LPS mm, phi(x) - x of the whole result on ``field_grid``.
+        whole_field: ``(3, D, H, W)`` float64 LPS mm, phi(x) - x of the whole result on ``field_grid``.
         affine: 4x4 LPS affine part, or None.
         inverse_grid, inverse_field: the inverse's displacement on a moving-space grid, or None.
-        warped: the warped volume on the fixed grid.
-        jacobian: the Jacobian map on the fixed grid, NaN outside the fixed body.
+        warped: the warped volume (float32) on the fixed grid.
+        jacobian: the Jacobian map (float32) on the fixed grid, NaN outside the fixed body.
         layers: the warped label layers on the fixed grid (see :func:`segmentation_to_label_layers`).
     """
 
     field_grid: Grid
-    whole_field: object
+    whole_field: np.ndarray
     affine: np.ndarray | None
     inverse_grid: Grid | None
-    inverse_field: object
-    warped: object
-    jacobian: object
-    layers: list
+    inverse_field: np.ndarray | None
+    warped: VolumeImage
+    jacobian: VolumeImage
+    layers: list[VolumeArray]
 
 
-def read_outputs(outdir: str | os.PathLike, summary: dict, fixed, moving_grid: Grid,
+def read_outputs(outdir: str | os.PathLike, summary: dict, fixed: VolumeArray, moving_grid: Grid,
                  segment_table: list[SegmentLabel]) -> OutputData:
-    """Reads a finished output folder (no MRML: safe on a background thread).
+    """Reads a finished output folder with SimpleITK (no MRML: safe on a background thread).
 
     Args:
-        fixed: the fixed volume as a library Image (its grid is the outputs' grid; its voxels give
+        fixed: the fixed volume's voxels and grid (its grid is the outputs' grid; its voxels give
             the body the Jacobian map is limited to).
         moving_grid: the moving volume's grid (the inverse is sampled on it).
+
+    Raises:
+        RuntimeError: an output is not on the fixed volume's grid.
     """
     import SimpleITK as sitk
 
-    from .export import read_initial_transform
-    from .image import Image
-    from .outputs import (AFFINE_FILE, INVERSE_TRANSFORM_FILE, JACOBIAN_FILE, TRANSFORM_FILE, WARPED_FILE,
-                          WARPED_LABELS_FILE)
+    from .output_files import (AFFINE_FILE, INVERSE_TRANSFORM_FILE, JACOBIAN_FILE, TRANSFORM_FILE, WARPED_FILE,
+                               WARPED_LABELS_FILE)
+    from .sitk_geometry import affine_from_sitk, sample_displacement
 
     outdir = Path(outdir)
-    fixed_grid = fixed.grid
-    field_grid = fixed_grid.with_spacing(float(summary["working_spacing_mm"]))
+    field_grid = fixed.grid.with_spacing(float(summary["working_spacing_mm"]))
     # phi(x) - x of the whole result (affine included) at the working grid's voxel centres: exact,
     # because transform.h5 keeps its field on that grid
-    whole_field = read_initial_transform(outdir / TRANSFORM_FILE, field_grid).displacement_on(field_grid)
-    affine = read_initial_transform(outdir / AFFINE_FILE, field_grid).affine if (outdir / AFFINE_FILE).is_file() else None
+    whole_field = sample_displacement(sitk.ReadTransform(str(outdir / TRANSFORM_FILE)), field_grid)
+    affine = (affine_from_sitk(sitk.ReadTransform(str(outdir / AFFINE_FILE))) if (outdir / AFFINE_FILE).is_file()
+              else None)
     # the inverse (moving -> fixed, an affine then a field) sampled on a moving-space grid as fine
     # as its field
     inverse_grid = inverse_field = None
     if (outdir / INVERSE_TRANSFORM_FILE).is_file():
         inverse_grid = moving_grid.with_spacing(float(summary["inverse"]["field_spacing_mm"]))
-        inverse_field = read_initial_transform(outdir / INVERSE_TRANSFORM_FILE, inverse_grid).displacement_on(inverse_grid)
-    warped = Image.from_sitk(sitk.ReadImage(str(outdir / WARPED_FILE)))
-    jacobian = Image.from_sitk(sitk.ReadImage(str(outdir / JACOBIAN_FILE)))
+        inverse_field = sample_displacement(sitk.ReadTransform(str(outdir / INVERSE_TRANSFORM_FILE)), inverse_grid)
+    warped = VolumeArray.read(outdir / WARPED_FILE)
+    jacobian = VolumeArray.read(outdir / JACOBIAN_FILE)
     layers = []
     if segment_table and (outdir / WARPED_LABELS_FILE).is_file():
-        import torch
-
         count = max(entry.layer for entry in segment_table) + 1
         names = [WARPED_LABELS_FILE] + [warped_layer_file(index) for index in range(1, count)]
-        layers = [Image.from_sitk(sitk.ReadImage(str(outdir / name)), dtype=torch.int64) for name in names]
-    for image, what in ((warped, "warped volume"), (jacobian, "Jacobian map"), *((layer, "warped labels") for layer in layers)):
-        if not image.grid.same_as(fixed_grid):
+        layers = [VolumeArray.read(outdir / name, LABEL_DTYPE) for name in names]
+    for volume, what in ((warped, "warped volume"), (jacobian, "Jacobian map"),
+                         *((layer, "warped labels") for layer in layers)):
+        if not volume.grid.same_as(fixed.grid):
             raise RuntimeError(f"load_outputs(): the {what} is not on the fixed volume's grid")
     # exactly the fixed geometry (the files store it in single precision)
-    return OutputData(field_grid, whole_field, affine, inverse_grid, inverse_field, Image(warped.data, fixed_grid),
-                      jacobian_in_body(Image(jacobian.data, fixed_grid), fixed),
-                      [Image(layer.data, fixed_grid) for layer in layers])
+    return OutputData(field_grid, whole_field, affine, inverse_grid, inverse_field,
+                      volume_image(VolumeArray(warped.array, fixed.grid)),
+                      volume_image(jacobian_in_body(VolumeArray(jacobian.array, fixed.grid), fixed)),
+                      [VolumeArray(layer.array, fixed.grid) for layer in layers])
 
 
 def apply_outputs(data: OutputData, inputs: RegistrationInputs, outputs: RegistrationOutputs,
@@ -716,12 +832,12 @@ def apply_outputs(data: OutputData, inputs: RegistrationInputs, outputs: Registr
         set_registration_references(result.inverse, inputs.moving, inputs.fixed)  # resamples fixed onto moving
     if result.warped is None:
         result.warped = _new_node(scene, "vtkMRMLScalarVolumeNode", f"{moving_name} registered")
-    image_to_volume(data.warped, result.warped)
-    copy_volume_display(inputs.moving, result.warped)
+    copy_volume_display(inputs.moving, result.warped)  # first: no automatic window/level of the new voxels
+    set_volume_image(result.warped, data.warped)
     if result.jacobian is None:
         result.jacobian = _new_node(scene, "vtkMRMLScalarVolumeNode", f"{moving_name} Jacobian")
-    image_to_volume(data.jacobian, result.jacobian)
     show_jacobian(result.jacobian)
+    set_volume_image(result.jacobian, data.jacobian)
     if data.layers:
         if result.warped_segmentation is None:
             result.warped_segmentation = _new_node(scene, "vtkMRMLSegmentationNode",
@@ -737,19 +853,21 @@ def load_outputs(outdir: str | os.PathLike, summary: dict, inputs: RegistrationI
 
     Nothing is created or changed before every file has been read.
     """
-    data = read_outputs(outdir, summary, volume_to_image(inputs.fixed), volume_grid(inputs.moving), segment_table)
+    data = read_outputs(outdir, summary, volume_array(inputs.fixed), volume_grid(inputs.moving), segment_table)
     return apply_outputs(data, inputs, outputs, segment_table)
 
 
 class NodeRegistration:
-    """One registration of MRML nodes run by a worker process.
+    """One registration of MRML nodes run by a worker process, without blocking Slicer's main thread.
 
-    ``start()`` writes the inputs to a temporary folder and starts the worker; ``poll()`` (from a
-    timer) returns new events and, once the worker has succeeded, reads the output files on a
-    background thread and then puts them into the nodes (so the GUI is not blocked by the reading,
-    and nodes change only when the whole result is there); ``wait()`` blocks until the end;
-    ``cancel()`` stops the worker: no node is created or changed. The temporary folder is removed
-    at the end either way (unless ``keep_files``).
+    ``start()`` checks the inputs and copies their voxels (main thread, fast), then writes them to
+    a temporary folder on a background thread and returns at once; ``poll()`` (from a timer)
+    starts the worker once the inputs are written, returns new events and, once the worker has
+    succeeded, reads the output files on another background thread and then puts them into the
+    nodes (so nodes change only when the whole result is there); ``wait()`` blocks until the end;
+    ``cancel()`` stops the writing of the inputs or the worker: no node is created or changed. The
+    temporary folder is removed at the end either way (unless ``keep_files``). Input nodes are
+    only read.
 
     Args:
         inputs, outputs: the nodes.
@@ -763,7 +881,7 @@ class NodeRegistration:
         self.inputs, self.outputs = inputs, outputs
         self.request = dict(request or {})
         self.python, self.work_dir, self.keep_files = python, work_dir, keep_files
-        self.state = "new"  # new, running, completed, failed, cancelled
+        self.state = "new"  # new, running (writing the inputs, then the worker), completed, failed, cancelled
         self.summary: dict | None = None
         self.error: str | None = None
         self.error_kind: str | None = None
@@ -772,35 +890,69 @@ class NodeRegistration:
         self.folder: Path | None = None
         self.worker = None
         self._prepared: PreparedInputs | None = None
-        self._reader = None
+        self._writer: threading.Thread | None = None
+        self._write_error: Exception | None = None
+        self._stop_writing = threading.Event()
+        self._reader: threading.Thread | None = None
         self._read: OutputData | Exception | None = None
 
     def start(self) -> NodeRegistration:
-        from .worker import WorkerProcess
+        """Checks the inputs and starts writing them (see the class); returns without waiting.
 
+        Raises:
+            ValueError: unusable inputs (nothing is left behind).
+        """
         self.folder = Path(tempfile.mkdtemp(prefix="SAMERegistration-", dir=self.work_dir))
         try:
-            self._prepared = write_inputs(self.inputs, self.folder / "inputs")
+            self._prepared = prepare_inputs(self.inputs, self.folder / "inputs")
         except BaseException:
             self._cleanup()
             raise
         self.log.extend(self._prepared.notes)
+        self._writer = threading.Thread(target=self._write_inputs, daemon=True, name="SAMERegistration-inputs")
+        self.state = "running"
+        self._writer.start()
+        return self
+
+    def _write_inputs(self) -> None:
+        try:
+            write_prepared_inputs(self._prepared, self._stop_writing)
+        except Exception as error:  # noqa: BLE001 - reported as the run's error by poll()
+            self._write_error = error
+
+    def _start_worker(self) -> None:
+        from .worker import WorkerProcess
+
         request = {"overview": False, **self.request, **self._prepared.files, "output_dir": str(self.folder / "outputs")}
         if self._prepared.extra_label_layers:
             request[EXTRA_LABEL_LAYERS] = self._prepared.extra_label_layers
         self.worker = WorkerProcess(request, self.folder / "request.json", python=self.python).start()
-        self.state = "running"
-        return self
 
     @property
     def running(self) -> bool:
         return self.state == "running"
 
+    @property
+    def writing_inputs(self) -> bool:
+        """True while the inputs are being written (the worker is not started yet)."""
+        return self.state == "running" and self.worker is None
+
     def poll(self) -> list[dict]:
-        """New events (see :mod:`SAMERegistrationLib.worker`); when the worker has ended, finishes
-        the run (outputs loaded, or ``error`` set) and adds a final ``{"event": "finished"}``."""
+        """New events (see :mod:`SAMERegistrationLib.worker`); starts the worker once the inputs are
+        written; when the worker has ended, finishes the run (outputs loaded, or ``error`` set) and
+        adds a final ``{"event": "finished"}``."""
         if self.state != "running":
             return []
+        if self.worker is None:
+            if self._writer.is_alive():
+                return []
+            if self._write_error is not None:
+                self.state = "failed"
+                self.error = f"writing the inputs failed: {type(self._write_error).__name__}: {self._write_error}"
+                self._cleanup()
+                return [{"event": "finished", "state": self.state, "error": self.error}]
+            self._start_worker()
+            return [{"event": "log", "message": "inputs written; registration process started"}]
         events = self._note(self.worker.poll())
         if self.worker.finished() and self._reader is None:
             events += self._note(self.worker.poll())
@@ -814,7 +966,6 @@ class NodeRegistration:
             self._finish()
             events.append({"event": "finished", "state": self.state, "error": self.error})
         return events
-
     def _note(self, events: list[dict]) -> list[dict]:
         """Keeps what the run needs from the worker's events (summary, error, log); returns them."""
         for event in events:
@@ -849,28 +1000,40 @@ class NodeRegistration:
         return self.result
 
     def cancel(self) -> None:
-        """Stops the worker's process tree (:meth:`WorkerProcess.cancel`); no output node is created or
-        changed."""
+        """Stops the writing of the inputs (after the file being written) or the worker's process
+        tree (:meth:`WorkerProcess.cancel`); no output node is created or changed and the temporary
+        folder is removed."""
         if self.state != "running":
             return
-        self.worker.cancel()
-        self.worker.wait()
+        if self.worker is None:
+            self._stop_writing.set()
+            self._writer.join()
+        else:
+            self.worker.cancel()
+            self.worker.wait()
         self.state = "cancelled"
         self.error, self.error_kind = "registration cancelled", "cancelled"
         self._cleanup()
 
     def _start_reading(self) -> None:
-        """Reads the output files on a thread (the GUI stays responsive); poll() applies them."""
-        import threading
+        """Reads the output files on a thread (the GUI stays responsive); poll() applies them.
 
-        fixed, moving_grid = volume_to_image(self.inputs.fixed), volume_grid(self.inputs.moving)
+        The fixed voxels (for the body the Jacobian map is shown in) are those the worker
+        registered, read back from its input file on the thread: no copy on the main thread. Once
+        everything is in memory the thread also removes the temporary folder (unless ``keep_files``),
+        as deleting its large files takes a while too."""
+        fixed_grid, moving_grid = volume_grid(self.inputs.fixed), volume_grid(self.inputs.moving)
+        fixed_file = self._prepared.files["fixed"]
 
         def read() -> None:
             try:
+                fixed = VolumeArray(VolumeArray.read(fixed_file, dtype=None).array, fixed_grid)
                 self._read = read_outputs(self.folder / "outputs", self.summary, fixed, moving_grid,
                                           self._prepared.segment_table)
             except Exception as error:  # noqa: BLE001 - reported as the run's error by _finish
                 self._read = error
+            finally:
+                self._cleanup()
 
         self._reader = threading.Thread(target=read, daemon=True, name="SAMERegistration-outputs")
         self._reader.start()

@@ -1,11 +1,6 @@
 """Turns a registration result into the output folder: transforms, images, maps and a summary.
 
-File names are a stable contract (CLI, Slicer module, scripts):
-``transform.h5`` (whole result, fixed -> moving, one ITK transform), ``affine.tfm`` (when an affine
-stage ran), ``displacement.nii.gz`` (phi(x) - x on the fixed grid), ``warped.nii.gz``,
-``jacobian.nii.gz``, ``warped_labels.nii.gz`` (with moving labels), ``summary.json`` and
-``overview.png``; for modes with an inverse (TVF) also ``inverse_transform.h5`` (moving -> fixed)
-and ``inverse_jacobian.nii.gz`` (its Jacobian determinant on the moving grid). Files are written to
+The file names (:mod:`.output_files`) are a stable contract. Files are written to
 a hidden temporary folder first and moved into place at the end as one set (see
 :mod:`.output_folder`), so a failed or cancelled run never leaves a half-written set, and files of
 an earlier run that this run does not write are removed.
@@ -23,6 +18,9 @@ import torch
 from .export import write_affine, write_displacement_field, write_transform
 from .image import Image
 from .io import write_image, write_labels
+from .output_files import (AFFINE_FILE, DISPLACEMENT_FILE, INVERSE_JACOBIAN_FILE, INVERSE_TRANSFORM_FILE,
+                           JACOBIAN_FILE, OUTPUT_FILES, OVERVIEW_FILE, SUMMARY_FILE, TRANSFORM_FILE, WARPED_FILE,
+                           WARPED_LABELS_FILE)
 from .output_folder import commit, staging_folder
 from .preprocess import CT_AIR_HU
 from .metrics import dice_per_label, shared_labels
@@ -30,21 +28,6 @@ from .spatial.grid import Grid
 from .spatial.jacobian import jacobian_determinant, jacobian_statistics
 from .spatial.transform import InverseTransform, SpatialTransform
 from .spatial.warp import LabelMethod, resample_image, resample_labels
-
-TRANSFORM_FILE = "transform.h5"
-AFFINE_FILE = "affine.tfm"
-DISPLACEMENT_FILE = "displacement.nii.gz"
-WARPED_FILE = "warped.nii.gz"
-JACOBIAN_FILE = "jacobian.nii.gz"
-WARPED_LABELS_FILE = "warped_labels.nii.gz"
-SUMMARY_FILE = "summary.json"
-OVERVIEW_FILE = "overview.png"
-INVERSE_TRANSFORM_FILE = "inverse_transform.h5"
-INVERSE_JACOBIAN_FILE = "inverse_jacobian.nii.gz"
-OUTPUT_FILES = (TRANSFORM_FILE, AFFINE_FILE, DISPLACEMENT_FILE, WARPED_FILE, JACOBIAN_FILE, WARPED_LABELS_FILE,
-                SUMMARY_FILE, OVERVIEW_FILE, INVERSE_TRANSFORM_FILE, INVERSE_JACOBIAN_FILE)
-"""Every file a run may write; those a run does not write are removed from its folder."""
-
 
 @dataclass(frozen=True)
 class ResultImages:

@@ -22,8 +22,8 @@ from .errors import InputError, RegistrationCancelled, RegistrationFailed
 from .export import read_initial_transform
 from .image import Image
 from .learning.objective import parse_similarity
-from .io import (ImageHeader, check_output_directory, label_names_beside, read_header, read_image, read_label_names,
-                 read_labels, read_mask)
+from .io import ImageHeader, check_output_directory, read_header, read_image, read_labels, read_mask
+from .label_names import label_names_beside, read_label_names
 from .modes import DEFAULT_MODE, REFINING_MODES, TVF_MODES, ModeSettings, build_pipeline
 from .output_folder import check_inputs_outside, locked_output_folder
 from .outputs import (OUTPUT_FILES, compute_inverse_images, compute_result_images, inverse_consistency_summary,

@@ -8,6 +8,8 @@ output tests.
 
 from __future__ import annotations
 
+import json
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +51,12 @@ def add_volume(scene, image: Image, name: str, class_name="vtkMRMLScalarVolumeNo
     mrml.image_to_volume(image, node, dtype)
     node.CreateDefaultDisplayNodes()
     return node
+
+
+def node_image(node) -> Image:
+    """A float32 library Image of a volume node's voxels (via the bridge's numpy copy)."""
+    volume = mrml.volume_array(node)
+    return Image(torch.from_numpy(volume.array.astype(np.float32)), volume.grid)
 
 
 def add_segmentation(scene, labels: Image, reference, name: str):
@@ -116,8 +124,8 @@ def test_volume_round_trips_through_a_node_and_slicers_own_writer(direction, tmp
     scene = new_scene()
     node = add_volume(scene, Image(data, grid), "volume")
 
-    back = mrml.volume_to_image(node)
-    assert torch.equal(back.data, data)
+    back = mrml.volume_array(node)
+    assert back.array.dtype == np.float32 and np.array_equal(back.array, data.numpy())
     assert back.grid.same_as(grid, tolerance_mm=1e-6)
 
     # Slicer's writer converts RAS to LPS itself: the file must match the library's own geometry.
@@ -138,7 +146,7 @@ def test_volume_round_trips_through_a_node_and_slicers_own_writer(direction, tmp
     assert reader.ReadData(loaded)
     # Slicer's reader may store a left-handed grid with its k axis reversed: same voxels, same values.
     assert mrml.volume_grid(loaded).same_voxels_as(grid, tolerance_mm=1e-4)
-    same_place = resample_image(mrml.volume_to_image(loaded), grid, interpolation="nearest")
+    same_place = resample_image(node_image(loaded), grid, interpolation="nearest")
     assert torch.equal(same_place.data, data)
 
 
@@ -294,7 +302,7 @@ def test_grid_transform_saved_and_reloaded_equals_the_backends_field(registered,
     assert written.GetName() == "DisplacementFieldTransform"  # a standard ITK displacement field
 
     outdir = registered.run.folder / "outputs"
-    fixed = mrml.volume_to_image(registered.inputs.fixed)
+    fixed = node_image(registered.inputs.fixed)
     points = fixed.grid.world_points(dtype=torch.float64).reshape(-1, 3).numpy()
     # the backend's own result file (affine after field, ITK composite) ...
     backend = sitk.ReadTransform(str(outdir / TRANSFORM_FILE))
@@ -334,7 +342,7 @@ def test_jacobian_volume_has_the_fixed_geometry_and_a_colour_table_centred_on_on
     backend = sitk.GetArrayFromImage(sitk.ReadImage(str(registered.run.folder / "outputs" / JACOBIAN_FILE)))
     values = slicer.util.arrayFromVolume(jacobian)
     # the backend's map inside the fixed body, no value (NaN, drawn transparent) outside it
-    fixed = mrml.volume_to_image(registered.inputs.fixed)
+    fixed = node_image(registered.inputs.fixed)
     body = body_mask(fixed, looks_like_ct(fixed)).numpy().astype(bool)  # as summary.json's region
     assert 0.05 < body.mean() < 0.95
     np.testing.assert_allclose(values[body], backend[body], rtol=0, atol=1e-6)
@@ -388,7 +396,7 @@ def test_rerun_with_the_same_output_nodes_replaces_their_content(registered):
     """Registering the fixed volume to itself into the first run's nodes: same nodes, new content."""
     scene, first = registered.scene, registered.outputs
     ids = {n.GetID() for n in (first.transform, first.warped, first.jacobian)}
-    fixed_copy = add_volume(scene, mrml.volume_to_image(registered.inputs.fixed), "fixed copy")
+    fixed_copy = add_volume(scene, node_image(registered.inputs.fixed), "fixed copy")
     nodes_before = scene_node_ids(scene)
     first_max = np.abs(slicer.util.arrayFromGridTransform(first.transform)).max()
     run = mrml.NodeRegistration(mrml.RegistrationInputs(registered.inputs.fixed, fixed_copy),
@@ -500,3 +508,163 @@ def test_bad_input_fails_with_the_backends_message_and_creates_no_node():
     assert scene_node_ids(scene) == nodes_before
     with pytest.raises(ValueError, match="same node"):
         mrml.NodeRegistration(mrml.RegistrationInputs(inputs.fixed, inputs.fixed, None), mrml.RegistrationOutputs()).start()
+
+
+# ----------------------------------------------------------------------------------- Slicer's own process
+SLICER_SIDE_RUN = r"""
+import json, sys
+import numpy as np, SimpleITK as sitk, slicer
+from SAMERegistrationLib import mrml
+from SAMERegistrationLib.sitk_geometry import grid_of_sitk
+
+paths, request = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+scene = slicer.vtkMRMLScene()
+colors = slicer.vtkMRMLColorLogic()
+colors.SetMRMLScene(scene)
+colors.AddDefaultColorNodes()
+
+def volume(name, class_name="vtkMRMLScalarVolumeNode", dtype=np.float32):
+    image = sitk.ReadImage(paths[name])
+    node = scene.AddNewNodeByClass(class_name, name)
+    mrml.image_to_volume(mrml.VolumeArray(sitk.GetArrayFromImage(image), grid_of_sitk(image)), node, dtype)
+    node.CreateDefaultDisplayNodes()
+    return node
+
+def segmentation(name, reference):
+    labelmap = volume(name, "vtkMRMLLabelMapVolumeNode", np.uint8)
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name + " segments")
+    node.SetReferenceImageGeometryParameterFromVolumeNode(reference)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, node)
+    scene.RemoveNode(labelmap)
+    return node
+
+fixed, moving = volume("fixed"), volume("moving")
+inputs = mrml.RegistrationInputs(fixed, moving, segmentation("fixed_labels", fixed), segmentation("moving_labels", moving),
+                                 fixed_mask=segmentation("fixed_labels", fixed))
+run = mrml.NodeRegistration(inputs, mrml.RegistrationOutputs(), request).start()
+outputs = run.wait(timeout=300)
+mrml.show_results(scene, fixed, outputs.warped, outputs.transform, jacobian=outputs.jacobian)
+jacobian = slicer.util.arrayFromVolume(outputs.jacobian)
+print(json.dumps({"state": run.state, "torch_imported": "torch" in sys.modules,
+                  "library_modules": sorted(m for m in sys.modules if m.startswith("SAMERegistrationLib")),
+                  "segments": outputs.warped_segmentation.GetSegmentation().GetNumberOfSegments(),
+                  "jacobian_in_body": float(np.isfinite(jacobian).mean()),
+                  "largest_displacement_mm": float(np.abs(slicer.util.arrayFromGridTransform(outputs.transform)).max())}))
+"""
+
+
+def test_slicers_own_process_registers_nodes_without_importing_torch(tmp_path):
+    """What the module's logic does on Apply (nodes -> input files, worker, output files -> new
+    nodes and their display), run in a fresh process as in Slicer: torch is never imported there
+    (only the worker loads it, so Slicer holds no CUDA context)."""
+    import os
+    import subprocess
+    import sys
+
+    from sample_cases import write_tiny_pair
+
+    paths = {name: str(path) for name, path in write_tiny_pair(tmp_path).items()}
+    request = {"mode": FAST_MODE, "device": "cpu", "options": FAST_OPTIONS}
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(mrml.__file__).parents[1]),
+                                                                os.environ.get("PYTHONPATH", "")])}
+    finished = subprocess.run([sys.executable, "-c", SLICER_SIDE_RUN, json.dumps(paths), json.dumps(request)],
+                              capture_output=True, text=True, timeout=400, env=environment)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    report = json.loads(finished.stdout.strip().splitlines()[-1])
+    print(f"\nSlicer-side run: {report}")
+    assert report["state"] == "completed"
+    assert report["segments"] == 2 and 0.05 < report["jacobian_in_body"] < 0.95 and report["largest_displacement_mm"] > 20
+    assert not report["torch_imported"], f"torch was imported in Slicer's process; library modules: {report['library_modules']}"
+
+
+# ----------------------------------------------------------------------------------- inputs off the main thread
+@pytest.fixture
+def held_input_writing(monkeypatch):
+    """Holds the background writing of the inputs until the test sets the returned event (or the
+    run is cancelled); the real writer then writes the files."""
+    gate = threading.Event()
+    write = mrml.write_prepared_inputs
+
+    def held(prepared, cancel):
+        while not (gate.is_set() or cancel.is_set()):
+            time.sleep(0.01)
+        return write(prepared, cancel)
+
+    monkeypatch.setattr(mrml, "write_prepared_inputs", held)
+    return gate
+
+
+def test_start_returns_before_the_inputs_are_written_and_the_worker_gets_them_complete(held_input_writing):
+    data = tiny_pair()
+    scene = new_scene()
+    fixed, moving = add_volume(scene, data.fixed, "fixed"), add_volume(scene, data.moving, "moving", dtype=np.int16)
+    segments = add_segmentation(scene, data.moving_labels, moving, "moving segments")
+    inputs = mrml.RegistrationInputs(fixed, moving, moving_segmentation=segments)
+    before = {name: node_state(node) for name, node in (("fixed", fixed), ("moving", moving), ("segments", segments))}
+    run = mrml.NodeRegistration(inputs, mrml.RegistrationOutputs(),
+                                {"mode": FAST_MODE, "device": "cpu", "options": FAST_OPTIONS}).start()
+    try:
+        # start() returned with nothing written yet: the files are written off the main thread
+        assert run.running and run.writing_inputs and run.worker is None
+        assert not list((run.folder / "inputs").glob("*.nrrd"))
+        assert run.poll() == [] and run.worker is None
+        held_input_writing.set()
+        deadline = time.monotonic() + 60
+        events = []
+        while run.worker is None:
+            assert time.monotonic() < deadline
+            events += run.poll()
+            time.sleep(0.01)
+        assert events == [{"event": "log", "message": "inputs written; registration process started"}]
+        # when the worker starts, every input file is complete: the nodes' voxels (their own
+        # type) and geometry, the segments as labels with their names beside them
+        for role, node in (("fixed", fixed), ("moving", moving)):
+            written = sitk.ReadImage(run.worker.request[role])
+            expected = slicer.util.arrayFromVolume(node)
+            assert sitk.GetArrayFromImage(written).dtype == expected.dtype
+            assert np.array_equal(sitk.GetArrayFromImage(written), expected), role
+            assert Image.from_sitk(written).grid.same_as(mrml.volume_grid(node), tolerance_mm=1e-4), role
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(run.worker.request["moving_labels"]))
+        table = {entry.name: entry.value for entry in run._prepared.segment_table}
+        for name in LABEL_NAMES.values():
+            assert np.array_equal(labels == table[name], segment_mask(segments, name, moving)), name
+        names = Path(run.worker.request["moving_labels"]).parent / "label_names.json"
+        assert {int(k): v for k, v in json.loads(names.read_text()).items()} == {v: k for k, v in table.items()}
+        assert not run._prepared.pending  # the copies are released once written
+    finally:
+        run.cancel()
+    assert not run.folder.exists()
+    assert {name: node_state(node) for name, node in (("fixed", fixed), ("moving", moving), ("segments", segments))} \
+        == before
+
+
+def test_cancel_while_the_inputs_are_written_starts_no_worker_and_leaves_nothing(held_input_writing):
+    data = tiny_pair()
+    scene = new_scene()
+    inputs = mrml.RegistrationInputs(add_volume(scene, data.fixed, "fixed"), add_volume(scene, data.moving, "moving"))
+    nodes_before = scene_node_ids(scene)
+    run = mrml.NodeRegistration(inputs, mrml.RegistrationOutputs(), {"mode": FAST_MODE, "device": "cpu"}).start()
+    assert run.writing_inputs and run.folder.exists()
+    run.cancel()
+    assert run.state == "cancelled" and run.error_kind == "cancelled" and run.worker is None and run.result is None
+    assert not run._writer.is_alive() and not run.folder.exists()
+    assert run.poll() == [] and run.worker is None
+    assert scene_node_ids(scene) == nodes_before
+
+
+def test_writing_the_inputs_stops_before_the_next_file_when_cancelled(tmp_path):
+    data = tiny_pair()
+    scene = new_scene()
+    inputs = mrml.RegistrationInputs(add_volume(scene, data.fixed, "fixed"), add_volume(scene, data.moving, "moving"))
+    prepared = mrml.prepare_inputs(inputs, tmp_path)
+    assert set(prepared.pending) == {prepared.files["fixed"], prepared.files["moving"]}
+    assert not list(tmp_path.iterdir())  # nothing written by the main thread's part
+
+    class CancelAfterFirstFile(threading.Event):
+        def is_set(self) -> bool:
+            return len(prepared.pending) < 2
+
+    assert mrml.write_prepared_inputs(prepared, CancelAfterFirstFile()) is False
+    assert [p.name for p in tmp_path.iterdir()] == ["fixed.nrrd"] and list(prepared.pending) == [prepared.files["moving"]]
+    assert mrml.write_prepared_inputs(prepared) is True
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fixed.nrrd", "moving.nrrd"]

@@ -133,6 +133,28 @@ def test_top_level_cmake_declares_the_extension():
     assert "Apache License" in (REPO / "LICENSE").read_text()
 
 
+CONTRIBUTOR = re.compile(r"[^,()]+\S \([^,()]+\)")
+"""One contributor as the extension and module templates write them: "First Last (Organisation)"."""
+
+
+def test_contributors_are_named_as_the_templates_ask():
+    """EXTENSION_CONTRIBUTORS is "First Last (Organisation)" entries joined by ", " (the extension
+    template's "John Doe (AnyWare Corp.)"), and the module's parent.contributors lists the same
+    entries, one per item (the scripted-module template)."""
+    import ast
+
+    listed = top_level_variable("EXTENSION_CONTRIBUTORS").split(", ")
+    assert listed and all(CONTRIBUTOR.fullmatch(entry) for entry in listed), listed
+    module = ast.parse((MODULE_DIR / "SAMERegistration.py").read_text())
+    assigned = [node.value for node in ast.walk(module) if isinstance(node, ast.Assign)
+                and ast.unparse(node.targets[0]) == "self.parent.contributors"]
+    assert len(assigned) == 1
+    assert ast.literal_eval(assigned[0]) == listed
+    # the pattern refuses what the templates do not allow
+    for wrong in ("SAMERegistration developers", "Jane Doe(Org)", "Jane Doe (Org), John Doe (Org)", "(Org)"):
+        assert not CONTRIBUTOR.fullmatch(wrong), wrong
+
+
 def png_size(path: Path) -> tuple[int, int]:
     header = path.read_bytes()[:24]
     assert header[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"

@@ -16,14 +16,20 @@ Frames
   :meth:`Grid.index_to_sampling` produces them, and only ``spatial/sampling.py`` uses them.
 
 Displacement fields are tensors ``(3, D, H, W)`` holding LPS millimetre vectors (x, y, z).
+
+This module imports torch only inside the methods that return tensors, so Slicer's own process
+(:mod:`SAMERegistrationLib.mrml`) uses the geometry without loading torch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 """Multiplies an LPS point or vector into RAS (and back: the matrix is its own inverse)."""
@@ -118,12 +124,15 @@ class Grid:
         return Grid.from_index_to_world_lps(shape, lps_to_ras @ np.asarray(ijk_to_ras, dtype=float))
 
     # ----------------------------------------------------------------------------- points
-    def world_points(self, dtype=torch.float32, device=None, k_range: tuple[int, int] | None = None
+    def world_points(self, dtype: torch.dtype | None = None, device=None, k_range: tuple[int, int] | None = None
                      ) -> torch.Tensor:
-        """LPS mm coordinates of voxel centres, shape ``(D, H, W, 3)`` (or ``(k1-k0, H, W, 3)``).
+        """LPS mm coordinates of voxel centres, shape ``(D, H, W, 3)`` (or ``(k1-k0, H, W, 3)``),
+        ``dtype`` default float32.
 
         ``k_range=(k0, k1)`` restricts to array slices ``k0 <= k < k1`` (for chunked processing).
         """
+        import torch
+
         k0, k1 = k_range if k_range is not None else (0, self.shape[0])
         k = torch.arange(k0, k1, dtype=torch.float64, device=device)
         j = torch.arange(self.shape[1], dtype=torch.float64, device=device)
@@ -132,10 +141,12 @@ class Grid:
         ijk = torch.stack((ii, jj, kk), dim=-1)
         matrix = torch.as_tensor(self.index_to_world(), dtype=torch.float64, device=device)
         points = ijk @ matrix[:3, :3].T + matrix[:3, 3]
-        return points.to(dtype)
+        return points.to(dtype or torch.float32)
 
     def world_to_index_points(self, points: torch.Tensor) -> torch.Tensor:
         """Maps LPS mm points ``(..., 3)`` to continuous voxel indices ``(..., 3)`` in (i, j, k) order."""
+        import torch
+
         matrix = torch.as_tensor(self.world_to_index(), dtype=points.dtype, device=points.device)
         return points @ matrix[:3, :3].T + matrix[:3, 3]
 
@@ -145,6 +156,8 @@ class Grid:
         The result keeps (i, j, k) order (grid_sample's x, y, z), normalised so that voxel centre 0
         is -1 and voxel centre ``n-1`` is +1 (``align_corners=True``). Axes with one voxel map to 0.
         """
+        import torch
+
         size = torch.tensor(self.size_ijk, dtype=index.dtype, device=index.device)
         scale = torch.where(size > 1, 2.0 / (size - 1).clamp(min=1), torch.zeros_like(size))
         return index * scale - (size > 1).to(index.dtype)
