@@ -12,11 +12,22 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-_HELD_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name))
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name))
 
 
 def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
+
+
+@contextmanager
+def _stop_signals_handled_by(handler) -> Iterator[None]:
+    """Installs ``handler`` for SIGINT and SIGTERM within the block; restores the previous handlers."""
+    previous = {number: signal.signal(number, handler) for number in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, signal.SIG_DFL if old is None else old)
 
 
 @contextmanager
@@ -40,12 +51,8 @@ def terminate_like_ctrl_c(cancel: threading.Event | None = None) -> Iterator[Non
             cancel.set()
         raise KeyboardInterrupt(f"signal {number}")
 
-    previous = {number: signal.signal(number, interrupt) for number in _HELD_SIGNALS}
-    try:
+    with _stop_signals_handled_by(interrupt):
         yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, signal.SIG_DFL if handler is None else handler)
 
 
 @contextmanager
@@ -56,12 +63,9 @@ def signals_held() -> Iterator[None]:
         yield
         return
     received: list[int] = []
-    previous = {number: signal.signal(number, lambda number, frame: received.append(number))
-                for number in _HELD_SIGNALS}
     try:
-        yield
+        with _stop_signals_handled_by(lambda number, frame: received.append(number)):
+            yield
     finally:
-        for number, handler in previous.items():
-            signal.signal(number, signal.SIG_DFL if handler is None else handler)
         for number in received:
             signal.raise_signal(number)

@@ -33,7 +33,7 @@ DEFAULT_REFINE_SIMILARITY = "lncc+0.1*sam"
 DEFAULT_REFINE_REGULARISER_WEIGHT = 0.3
 """Weight of the masked diffusion during the refinement. Across patients 0.3 gave higher Dice than
 1.0 (the weight the network was trained with) on every pair tried, with % J<=0 in the body still
-below 0.01; 0.1 gained a little more but folded 0.02-0.05 % (README, "SAME across patients")."""
+below 0.02; 0.1 gained a little more but folded 0.02-0.05 % (README, "SAME mode")."""
 
 
 class SAMVoxelMorph(Stage):
