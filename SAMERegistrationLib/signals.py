@@ -12,6 +12,18 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+class StopSignalReceived(KeyboardInterrupt):
+    """Raised by :func:`terminate_like_ctrl_c` when SIGINT or SIGTERM arrives.
+
+    A subclass, not KeyboardInterrupt itself: CPython (3.11 at least) remembers a KeyboardInterrupt
+    of that exact type that left code run by ``exec``/``eval`` of a source string (dataclasses and
+    namedtuples build their methods so, when a module is imported) and, under ``python -m``, ends the
+    process with SIGINT at exit even after the program caught it and returned its own exit code; the
+    cancelled worker then reported -2 instead of its "cancelled" code. Code that catches
+    KeyboardInterrupt catches this too.
+    """
+
+
 _STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name))
 
 
@@ -33,8 +45,8 @@ def _stop_signals_handled_by(handler) -> Iterator[None]:
 @contextmanager
 def terminate_like_ctrl_c(cancel: threading.Event | None = None) -> Iterator[None]:
     """Within the block, SIGTERM (sent by batch systems, ``kill`` and the Slicer module's cancel)
-    and SIGINT (Ctrl-C) raise KeyboardInterrupt, so the run stops cleanly; the previous handlers
-    are restored afterwards.
+    and SIGINT (Ctrl-C) raise :class:`StopSignalReceived` (a KeyboardInterrupt), so the run stops
+    cleanly; the previous handlers are restored afterwards.
 
     Args:
         cancel: also set on either signal. Python drops an exception raised while it runs a
@@ -49,7 +61,7 @@ def terminate_like_ctrl_c(cancel: threading.Event | None = None) -> Iterator[Non
     def interrupt(number, frame):
         if cancel is not None:
             cancel.set()
-        raise KeyboardInterrupt(f"signal {number}")
+        raise StopSignalReceived(f"signal {number}")
 
     with _stop_signals_handled_by(interrupt):
         yield

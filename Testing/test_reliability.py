@@ -408,6 +408,28 @@ def test_a_signal_whose_interrupt_python_drops_still_cancels_the_run():
             progress.update(0.5)
 
 
+def test_a_signal_that_lands_in_exec_code_still_ends_with_the_programs_own_exit_code(tmp_path):
+    """CPython remembers a plain KeyboardInterrupt that left ``exec``'d source code (as dataclasses
+    run when a module is imported) and, under ``python -m``, ended the process with SIGINT after it
+    had caught the interrupt: the cancelled worker exited -2 instead of 3. The handler's own
+    exception type avoids that."""
+    (tmp_path / "signalled_in_exec.py").write_text(
+        "import os, signal, sys, threading\n"
+        "from SAMERegistrationLib.signals import terminate_like_ctrl_c\n"
+        "def main():\n"
+        "    with terminate_like_ctrl_c(threading.Event()):\n"
+        "        try:\n"
+        "            exec('os.kill(os.getpid(), signal.SIGTERM)\\nfor _ in range(10**7): pass')\n"
+        "        except KeyboardInterrupt:\n"
+        "            return 3\n"
+        "    return 0\n"
+        "sys.exit(main())\n")
+    library = str(Path(__file__).resolve().parent.parent)
+    done = subprocess.run([sys.executable, "-m", "signalled_in_exec"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([library, str(tmp_path)])}, timeout=120)
+    assert done.returncode == 3, done.stderr
+
+
 def test_sigterm_stops_the_run_cleanly_and_keeps_the_earlier_results(labelled_run, pair_files, tmp_path):
     outdir = tmp_path / "out"
     outdir.mkdir()

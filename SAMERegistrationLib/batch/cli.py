@@ -25,7 +25,7 @@ from ..errors import InputError
 from ..io import check_output_directory, read_header
 from ..outputs import read_complete_output
 from ..registration import RegistrationRequest, check_request, estimated_memory
-from ..signals import terminate_like_ctrl_c
+from ..signals import StopSignalReceived, terminate_like_ctrl_c
 from .cluster import RESOURCE, connect, dashboard_link, plan_local_cluster, registration_slots, start_local_cluster
 from .pairs import Pair, read_pairs
 from .results import FAILED, OK, SKIPPED, PairResult, ResultsTable, result_from_summary
@@ -192,7 +192,7 @@ def _run(client: Client, jobs: list[Job], table: ResultsTable, outroot: Path, fo
     try:
         while waiting or running:
             if interrupted.is_set():
-                raise KeyboardInterrupt("interrupted")
+                raise StopSignalReceived("interrupted")
             for job in waiting[:max(1, registration_slots(client)) - len(running)]:
                 future = client.submit(register_pair, job.request, job.pair.id, force, cancel_name, pure=False,
                                        key=f"register-{job.pair.id}-{uuid.uuid4().hex[:8]}", resources={RESOURCE: 1})
