@@ -17,11 +17,11 @@ from SAMERegistrationLib.image import Image
 from SAMERegistrationLib.io import read_image
 from SAMERegistrationLib.preprocess import body_mask, to_working_grid
 from SAMERegistrationLib.sam.embedding import DEFAULT_WEIGHTS, embed, feature_grids, load_sam, save_checkpoint
-from SAMERegistrationLib.sam.loss import ContrastiveSettings
+from SAMERegistrationLib.sam.loss import ContrastiveSettings, global_loss, query_points
 from SAMERegistrationLib.sam.matching import match_points
 from SAMERegistrationLib.sam.network import SAMConfig, SAMNet
 from SAMERegistrationLib.sam.train import prepare_volume, training_step
-from SAMERegistrationLib.sam.views import ViewAugmentation
+from SAMERegistrationLib.sam.views import TrainingVolume, ViewAugmentation, sample_view_pair
 from SAMERegistrationLib.spatial.grid import Grid
 from SAMERegistrationLib.synthetic import make_synthetic_pair
 
@@ -81,6 +81,62 @@ def test_a_few_training_steps_lower_the_loss_on_a_real_ct():
     with torch.no_grad():
         after = loss_on_fixed_batch().item()
     assert after < before - 0.2, (before, after)
+
+
+NO_INTENSITY_CHANGE = ViewAugmentation(patch=16, contrast=(1.0, 1.0), offset_hu=0.0, max_noise_hu=0.0,
+                                       blur_probability=0.0)
+
+
+def test_a_cross_patient_view_pair_cuts_one_view_from_each_patient_around_one_place():
+    """The partner (here a uniform 500 HU 'patient' on the same grid) gives one of the two views,
+    each direction about half the time, and the two views always overlap."""
+    grid = Grid.create((80, 80, 80), (2.0,) * 3, (-79.0, -79.0, -79.0))
+    world = grid.world_points()
+    central = world.reshape(-1, 3)[world.reshape(-1, 3).norm(dim=-1) < 20.0]   # views stay inside the grid
+    volume = TrainingVolume(Image(world[..., 0].float() * 10.0 - 400.0, grid), central)
+    partner = Image(torch.full(grid.shape, 500.0), grid)
+    partner_first = 0
+    for seed in range(20):
+        hu_1, grid_1, hu_2, grid_2 = sample_view_pair(volume, 2.0, NO_INTENSITY_CHANGE,
+                                                      torch.Generator().manual_seed(seed), partner)
+        from_partner = [bool(torch.allclose(hu, torch.full_like(hu, 500.0), atol=1e-3)) for hu in (hu_1, hu_2)]
+        assert sorted(from_partner) == [False, True]
+        partner_first += from_partner[0]
+        centres = [torch.as_tensor(g.centre_world()) for g in (grid_1, grid_2)]
+        assert float((centres[0] - centres[1]).norm()) < 2 * 3 ** 0.5 * 0.3 * 16 * 2.0 * 1.2  # both near one seed
+    assert 4 <= partner_first <= 16
+
+
+def test_cross_patient_queries_skip_air_in_the_other_view():
+    """A cross-patient view may reach outside the other patient's scan: queries need tissue in both."""
+    grid = Grid.create((16, 16, 16), (2.0,) * 3, (0.0, 0.0, 0.0))
+    local_grid = feature_grids(grid)[0]
+    tissue = torch.zeros(grid.shape)
+    half_air = tissue.clone()
+    half_air[:, :, :8] = -1024.0   # x < 16 mm is outside the other scan
+    generator = torch.Generator().manual_seed(0)
+    one_sided = query_points(grid, local_grid, tissue, grid, 1000, -900.0, generator)
+    both = query_points(grid, local_grid, tissue, grid, 1000, -900.0, generator, half_air)
+    assert len(both) > 0 and float(both[:, 0].min()) >= 15.0
+    assert len(one_sided) > len(both) and float(one_sided[:, 0].min()) < 15.0
+
+
+def test_without_other_volume_negatives_each_pairs_global_loss_stands_alone():
+    """Cross-patient training drops the other volumes of the batch as global negatives (they would
+    push the same anatomy of two patients apart): the batch loss is then the mean of the pairs'
+    own losses; with them (the self-supervised default) it is larger."""
+    generator = torch.Generator().manual_seed(0)
+    grid = Grid.create((4, 4, 4), (16.0,) * 3, (0.0, 0.0, 0.0))
+    maps = [torch.nn.functional.normalize(torch.randn(2, 8, 4, 4, 4, generator=generator), dim=1) for _ in range(2)]
+    points = [grid.world_points().reshape(-1, 3)[::5] for _ in range(2)]
+    alone = ContrastiveSettings(other_volume_negatives=False)
+    each = [global_loss([m], [(grid, grid)], [p], [alone]) for m, p in zip(maps, points)]
+    together = global_loss(maps, [(grid, grid)] * 2, points, [alone, alone])
+    assert torch.isclose(together, (each[0] + each[1]) / 2)
+    assert global_loss(maps, [(grid, grid)] * 2, points, [ContrastiveSettings()] * 2) > together + 0.1
+    widened = alone.with_tolerance(8.0)
+    assert (widened.local_exclusion_mm, widened.global_exclusion_mm) == (alone.local_exclusion_mm + 8.0,
+                                                                         alone.global_exclusion_mm + 8.0)
 
 
 def test_weights_round_trip_and_checksum_failure(tmp_path):

@@ -5,6 +5,10 @@ a seed point inside the body plus a random offset, a random isotropic scale (vox
 ``spacing * s``), a small random rotation about the superior axis, then intensity changes
 (contrast, offset, noise, blur). Because both views are grids in the same physical (LPS) space,
 the correspondence of any point is just its world position.
+
+A *cross-patient* view pair takes its second view from another patient's CT registered onto the
+first volume's grid (:class:`AlignedPartner`): the same world point then shows the same anatomy of
+a different person, up to the registration's error.
 """
 
 from __future__ import annotations
@@ -48,6 +52,16 @@ class TrainingVolume:
     body_points: torch.Tensor
 
 
+@dataclass(frozen=True)
+class AlignedPartner:
+    """A training volume with another patient's CT resampled onto its working grid ``(D, H, W)``
+    in HU (by the project's own intensity registration, so approximately corresponding anatomy;
+    voxels outside the other scan's field of view hold air, -1024 HU)."""
+
+    volume: TrainingVolume
+    partner: Image
+
+
 def view_grid(centre: np.ndarray, spacing: float, patch: int, angle_deg: float) -> Grid:
     """A cubic ``patch``^3 grid of voxel size ``spacing`` mm centred on ``centre``, rotated about S."""
     angle = math.radians(angle_deg)
@@ -57,11 +71,11 @@ def view_grid(centre: np.ndarray, spacing: float, patch: int, angle_deg: float) 
     return Grid.create((patch,) * 3, (spacing,) * 3, origin, rotation)
 
 
-def sample_view(volume: TrainingVolume, grid: Grid, augmentation: ViewAugmentation, generator: torch.Generator,
+def sample_view(image: Image, grid: Grid, augmentation: ViewAugmentation, generator: torch.Generator,
                 fill: float = -1024.0) -> torch.Tensor:
-    """The volume's HU on ``grid`` with random intensity changes: ``(D, H, W)``."""
+    """The image's HU on ``grid`` with random intensity changes: ``(D, H, W)``."""
     points = grid.world_points()
-    hu = sample_at_points(volume.image.data - fill, volume.image.grid, points) + fill
+    hu = sample_at_points(image.data - fill, image.grid, points) + fill
     low, high = augmentation.contrast
     contrast = low + (high - low) * float(torch.rand((), generator=generator))
     offset = augmentation.offset_hu * (2 * float(torch.rand((), generator=generator)) - 1)
@@ -73,8 +87,14 @@ def sample_view(volume: TrainingVolume, grid: Grid, augmentation: ViewAugmentati
 
 
 def sample_view_pair(volume: TrainingVolume, spacing: float, augmentation: ViewAugmentation,
-                     generator: torch.Generator) -> tuple[torch.Tensor, Grid, torch.Tensor, Grid]:
-    """Two views of ``volume``: ``(hu_1, grid_1, hu_2, grid_2)``."""
+                     generator: torch.Generator, partner: Image | None = None
+                     ) -> tuple[torch.Tensor, Grid, torch.Tensor, Grid]:
+    """Two views of ``volume``: ``(hu_1, grid_1, hu_2, grid_2)``.
+
+    With ``partner`` (another patient's CT on ``volume``'s grid, see :class:`AlignedPartner`) the
+    second view is cut from the partner, always around the first view's seed; which of the two
+    images gives view 1 is random, so both directions are trained.
+    """
     def uniform(low: float, high: float) -> float:
         return low + (high - low) * float(torch.rand((), generator=generator))
 
@@ -87,12 +107,15 @@ def sample_view_pair(volume: TrainingVolume, spacing: float, augmentation: ViewA
     grids = []
     for view in range(2):
         scale = uniform(*augmentation.scale)
-        if view == 1 and uniform(0.0, 1.0) > augmentation.overlap_probability:
+        if view == 1 and partner is None and uniform(0.0, 1.0) > augmentation.overlap_probability:
             centre = body_point()
         else:
             reach = augmentation.max_offset_fraction * patch * spacing * scale
             centre = seed + np.array([uniform(-reach, reach) for _ in range(3)])
         angle = uniform(-augmentation.max_rotation_deg, augmentation.max_rotation_deg)
         grids.append(view_grid(centre, spacing * scale, patch, angle))
-    return (sample_view(volume, grids[0], augmentation, generator), grids[0],
-            sample_view(volume, grids[1], augmentation, generator), grids[1])
+    images = [volume.image, volume.image if partner is None else partner]
+    if partner is not None and uniform(0.0, 1.0) < 0.5:
+        images.reverse()
+    return (sample_view(images[0], grids[0], augmentation, generator), grids[0],
+            sample_view(images[1], grids[1], augmentation, generator), grids[1])
