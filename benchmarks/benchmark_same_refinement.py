@@ -1,10 +1,11 @@
 """How the weight of SAME's test-time refinement regulariser changes the result across patients.
 
 Not a test: prints a markdown table for the README. For every chosen pair of the pair lists
-(evaluation harness format, prepared at 2 mm like the harness's default, or ``--spacing``), SAME's first two stages run
-once (SAM-affine, SAM-coarse, as in ``--mode same``); then SAM-VoxelMorph runs from their result
-once per regulariser weight (the masked diffusion of the velocity during the refinement, default
-:data:`DEFAULT_REFINE_REGULARISER_WEIGHT`), everything else at the stage's defaults. Each result is
+(evaluation harness format, prepared at 2 mm like the harness's default, or ``--spacing``),
+SAME's first two stages run once (SAM-affine, SAM-coarse, as in ``--mode same``); then SAM-VoxelMorph
+runs from their result
+once per regulariser weight (the masked diffusion of the velocity during the refinement,
+default :data:`DEFAULT_REFINE_REGULARISER_WEIGHT`), everything else at the stage's defaults. Each result is
 scored with the harness's metrics: mean Dice, median target registration error in mm (known
 deformations only), % J<=0 and std(log J) inside the fixed body, and the stage's wall time.
 
@@ -55,8 +56,8 @@ def measure(spec, weights: list[float], threads: int, spacing_mm: float) -> list
         summary = evaluate(pair, result.displacement_on(pair.fixed.grid)).summary
         default = " (default)" if weight == DEFAULT_REFINE_REGULARISER_WEIGHT else ""
         rows.append(f"| {spec.name} | {weight:g}{default} | {summary['mean_dice']:.3f} | "
-                    f"{summary['tre_median_mm']:.2f} | {summary['percent_nonpositive_jacobian']:.4f} | {summary['std_log_jacobian']:.3f} | "
-                    f"{seconds:.0f} |")
+                    f"{summary['tre_median_mm']:.2f} | {summary['percent_nonpositive_jacobian']:.4f} | "
+                    f"{summary['std_log_jacobian']:.3f} | {seconds:.0f} |")
         print(rows[-1], flush=True)
     return rows
 

@@ -3,6 +3,10 @@
 Each step draws ``--batch`` view pairs, each from a different volume (:mod:`.views`), embeds the
 ``2 x batch`` crops in one forward pass and minimises local + global InfoNCE (:mod:`.loss`).
 
+Seeds are fixed, checkpoints (model, optimiser, step, random state) resume exactly, and the log
+prints the loss and a matching probe: the median error of matching points of a training volume
+into a known synthetic deformation of itself.
+
 Cross-patient training (``--cross-patient FIXED ALIGNED``, repeatable): ALIGNED is another
 patient's CT registered onto FIXED by the project's own intensity registration (``same-register
 --mode intensity``'s ``warped.nii.gz``); a share of the view pairs (``--cross-patient-share``)
@@ -10,9 +14,6 @@ then pairs a view of FIXED with the same place in ALIGNED, so the same anatomy o
 positive. Their exclusion radii grow by ``--cross-patient-tolerance-mm`` (the registration's
 error), and the global loss no longer uses other volumes as negatives. ``--init-weights`` starts
 from trained weights (fine-tuning). Volumes used for evaluation must not appear here.
-Seeds are fixed, checkpoints (model, optimiser, step, random state) resume exactly, and the log
-prints the loss and a matching probe: the median error of matching points of a training volume
-into a known synthetic deformation of itself.
 
 Data-parallel: ``torchrun --nproc_per_node N -m SAMERegistrationLib.sam.train ...`` runs N
 processes (gloo on CPU, nccl on CUDA) with DistributedDataParallel; each draws its own pairs
@@ -105,7 +106,8 @@ def training_step(model: torch.nn.Module, config: SAMConfig, volumes: list[Train
         else:
             pairs.append(sample_view_pair(volumes[int(order[i % len(volumes)])], config.spacing_mm, augmentation,
                                           generator))
-    pair_settings = [cross_patient_settings or settings if cross else settings for cross in cross_patient]
+    cross_settings = cross_patient_settings or settings
+    pair_settings = [cross_settings if cross else settings for cross in cross_patient]
     crops = torch.stack([sam_intensity(hu, config) for pair in pairs for hu in (pair[0], pair[2])])[:, None]
     local, coarse = model(crops.to(device))
     local_losses, coarse_maps, coarse_grids, points_per_pair = [], [], [], []
