@@ -339,7 +339,7 @@ def main() -> None:
               f"working spacing {args.spacing:g} mm; load average {psutil.getloadavg()[0]:.1f} at start",
               f"- measured rates: SGEMM {rates.gemm_flops_per_s / 1e9:.0f} GFLOP/s; trilinear grid_sample "
               f"{rates.sample_s_per_value * 1e9:.1f} ns per voxel-channel",
-              f"- command: `python benchmarks/profile_modes.py --modes {' '.join(args.modes)} --threads {args.threads}`",
+              f"- command: `python benchmarks/profile_modes.py {' '.join(sys.argv[1:])}`",
               ""]
     text = "\n".join(header)
     print(text, flush=True)
