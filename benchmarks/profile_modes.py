@@ -21,7 +21,7 @@ The profiler adds overhead of its own (more on many small operations than on lar
 keeps its events in memory, so wall times here find the expensive parts and say nothing about
 memory; the README's benchmark tables are the timings and peaks.
 
-Pairs: ``sample`` (the bundled demo pair, ``Resources/SampleData``; runs anywhere) or any
+Pair: the bundled demo pair by default (``Resources/SampleData``; runs anywhere), or any
 ``--fixed`` / ``--moving`` files.
 
 Usage: python benchmarks/profile_modes.py [--modes same tvf tvf-lddmm] [--threads 2]
@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import math
 import platform
 import sys
 import tempfile
@@ -178,30 +179,22 @@ def _timed_phase(function, name: str, seconds: dict[str, float]):
     return wrapped
 
 
+def _ancestors(event):
+    """The profiler events enclosing ``event``, innermost first."""
+    parent = event.cpu_parent
+    while parent is not None:
+        yield parent
+        parent = parent.cpu_parent
+
+
 def _phase_of(event) -> str | None:
     """The phase whose range encloses a profiler event, or None."""
-    parent = event
-    while parent is not None:
-        if parent.name.startswith(PHASE_PREFIX):
-            return parent.name[len(PHASE_PREFIX):]
-        parent = parent.cpu_parent
-    return None
-
-
-def _voxel_channels(shape: list[int]) -> int:
-    total = 1
-    for size in shape:
-        total *= size
-    return total
+    return next((parent.name[len(PHASE_PREFIX):] for parent in _ancestors(event)
+                 if parent.name.startswith(PHASE_PREFIX)), None)
 
 
 def _inside_convolution(event) -> bool:
-    parent = event.cpu_parent
-    while parent is not None:
-        if parent.name in ("aten::convolution", "aten::convolution_backward"):
-            return True
-        parent = parent.cpu_parent
-    return False
+    return any(parent.name in ("aten::convolution", "aten::convolution_backward") for parent in _ancestors(event))
 
 
 def collect_regions(events, regions: dict[str, RegionProfile], region: str) -> None:
@@ -221,13 +214,13 @@ def collect_regions(events, regions: dict[str, RegionProfile], region: str) -> N
             totals.flops += event.flops or 0
         elif event.name == "aten::grid_sampler_3d" and event.input_shapes:
             channels = event.input_shapes[0][1]
-            totals.samples_forward += channels * _voxel_channels(event.input_shapes[1][:-1])
+            totals.samples_forward += channels * math.prod(event.input_shapes[1][:-1])
         elif event.name == "aten::grid_sampler_3d_backward" and event.input_shapes:
-            totals.samples_backward += _voxel_channels(event.input_shapes[0])
+            totals.samples_backward += math.prod(event.input_shapes[0])
         elif event.name == "aten::convolution_backward" and event.input_shapes:
             gradient, weight = event.input_shapes[0], event.input_shapes[2]
             # at most two forward passes' worth: the input gradient and the weight gradient
-            totals.flops += 2 * 2 * _voxel_channels(gradient) * _voxel_channels(weight[1:])
+            totals.flops += 2 * 2 * math.prod(gradient) * math.prod(weight[1:])
 
 
 def profile_mode(mode: str, fixed: Path, moving: Path, threads: int, spacing: float
@@ -296,8 +289,8 @@ def profile_mode(mode: str, fixed: Path, moving: Path, threads: int, spacing: fl
 
 def report(mode: str, summary: dict, regions: dict[str, RegionProfile], rates: MachineRates) -> str:
     """Markdown: the stage table and the top operations of each region."""
-    order = [name for name in PHASES.values() if name in regions][:2] + [stage["name"] for stage in summary["stages"]] \
-        + [name for name in PHASES.values() if name in regions][2:] + [OUTSIDE]
+    phases = [name for name in PHASES.values() if name in regions]  # weights, inputs, then the outputs
+    order = phases[:2] + [stage["name"] for stage in summary["stages"]] + phases[2:] + [OUTSIDE]
     lines = [f"## `--mode {mode}`", "",
              f"End to end {summary['profiled_seconds']:.1f} s under the profiler, less the time it took to sum "
              "its events.", "",
