@@ -20,6 +20,7 @@ set(SAMERegistrationLib_PYTHON_SCRIPTS
   SAMERegistrationLib/fcn/network.py
   SAMERegistrationLib/fcn/registration.py
   SAMERegistrationLib/fcn/train.py
+  SAMERegistrationLib/filters.py
   SAMERegistrationLib/image.py
   SAMERegistrationLib/io.py
   SAMERegistrationLib/label_names.py

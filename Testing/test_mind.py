@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from SAMERegistrationLib.descriptors.mind import NEIGHBOUR_PAIRS, MINDConfig, _box_pool, mind_embed, mind_ssc
+from SAMERegistrationLib.descriptors.mind import NEIGHBOUR_PAIRS, MINDConfig, mind_embed, mind_ssc
 from SAMERegistrationLib.image import Image
 from SAMERegistrationLib.io import read_image
 from SAMERegistrationLib.preprocess import to_working_grid
@@ -91,12 +91,6 @@ def test_fast_mind_equals_plain_formula_at_every_stride(radius, dilation):
         # The variance clamp uses the mean over the returned voxels, so compare where it is inactive.
         expected = reference[:, ::stride, ::stride, ::stride]
         assert torch.allclose(mind_ssc(volume, radius, dilation, stride=stride), expected, atol=1e-12)
-
-
-def test_box_pool_matches_pytorch_pooling():
-    volume = torch.rand(2, 13, 17, 22, dtype=torch.float64)
-    expected = F.avg_pool3d(volume[None], 5, stride=4, padding=2, count_include_pad=False)[0]
-    assert torch.allclose(_box_pool(volume, 5, 4), expected)
 
 
 def test_embedding_shapes_grids_and_unit_norm(torso):

@@ -50,6 +50,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from ..filters import window_mean
 from ..image import Image
 from ..preprocess import to_working_grid
 from ..sam.embedding import Embeddings, FeatureMap, feature_grids
@@ -102,26 +103,6 @@ class MINDConfig:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def _box_pool(volume: torch.Tensor, box: int, stride: int) -> torch.Tensor:
-    """Box mean over ``box`` voxels per axis (odd), sampled at every ``stride``-th voxel starting at 0,
-    separable; voxels beyond the border are left out of the mean. ``(C, D, H, W)`` ->
-    ``(C, ceil(D / stride), ceil(H / stride), ceil(W / stride))``."""
-    if box % 2 != 1:
-        raise ValueError(f"MIND coarse box sizes must be odd, got {box}")
-    half = box // 2
-    x = volume
-    for axis in range(1, 4):
-        size = x.shape[axis]
-        centres = torch.arange(0, size, stride, device=x.device)
-        low, high = (centres - half).clamp(min=0), (centres + half).clamp(max=size - 1) + 1
-        zero = torch.zeros_like(x.narrow(axis, 0, 1))
-        cumulative = torch.cat([zero, x.cumsum(dim=axis)], dim=axis)        # cumulative[n] = sum of the first n
-        sums = cumulative.index_select(axis, high) - cumulative.index_select(axis, low)
-        counts = (high - low).to(x.dtype).reshape([-1 if a == axis else 1 for a in range(4)])
-        x = sums / counts
-    return x
 
 
 def mind_ssc(volume: torch.Tensor, radius: int = 1, dilation: int = 2, stride: int = 1) -> torch.Tensor:
@@ -207,11 +188,11 @@ def mind_embed(image: Image, config: MINDConfig = MINDConfig()) -> Embeddings:
     stride = config.context_stride
     if 8 % stride:
         raise ValueError(f"MINDConfig.context_stride must divide 8, got {stride}")
-    context_image = _box_pool(hu[None], 2 * stride - 1, stride)[0] if stride > 1 else hu
+    context_image = window_mean(hu[None], 2 * stride - 1, stride=stride)[0] if stride > 1 else hu
     blocks = []
     for radius, dilation, box in config.context:
         block = mind_ssc(context_image, radius, dilation)
-        blocks.append(F.normalize(_box_pool(block, box, 8 // stride), dim=0))
+        blocks.append(F.normalize(window_mean(block, box, stride=8 // stride), dim=0))
     coarse = F.normalize(torch.cat(blocks), dim=0).contiguous()
     if tuple(coarse.shape[1:]) != coarse_grid.shape or tuple(local.shape[1:]) != local_grid.shape:
         raise RuntimeError(f"mind_embed(): maps {tuple(local.shape)}, {tuple(coarse.shape)} do not fit the "

@@ -13,8 +13,9 @@ plain means are used.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from ..filters import window_mean
 
 _EPS = 1e-8
 
@@ -115,19 +116,6 @@ def ncc(fixed: Tensor, warped: Tensor, mask: Tensor | None = None, eps: float = 
     return 1 - (cov / torch.sqrt(var_f * var_w + eps**2)).mean()
 
 
-def _box_sum(x: Tensor, window: tuple[int, int, int]) -> Tensor:
-    """Sum of ``x`` (N, C, D, H, W) over a centred (D, H, W) window, zero padded; separable, per channel."""
-    channels = x.shape[1]
-    for axis, size in enumerate(window):
-        shape = [1, 1, 1]
-        shape[axis] = size
-        padding = [0, 0, 0]
-        padding[axis] = size // 2
-        kernel = x.new_ones((channels, 1, *shape))
-        x = F.conv3d(x, kernel, padding=tuple(padding), groups=channels)
-    return x
-
-
 def local_ncc(
     fixed: Tensor,
     warped: Tensor,
@@ -141,7 +129,7 @@ def local_ncc(
     two images are taken over the window voxels that lie INSIDE the volume
     (windows are truncated at the border, so any window size works, including
     windows larger than the volume). They are computed with separable box
-    filters (three 1-D ``conv3d`` passes, one group per channel). Per voxel and
+    filters (:func:`..filters.window_mean`, cumulative sums). Per voxel and
     channel, ``cc = cov**2 / (var_f * var_w + eps)`` (squared local correlation,
     in [0, 1)).
 
@@ -188,8 +176,7 @@ def local_correlation_map(fixed: Tensor, warped: Tensor, window: tuple[int, int,
     # cancellation in E[x^2] - E[x]^2 for intensities with a large offset.
     f = fixed - fixed.detach().mean((2, 3, 4), keepdim=True)
     w = warped - warped.detach().mean((2, 3, 4), keepdim=True)
-    count = _box_sum(fixed.new_ones((1, 1, *fixed.shape[2:])), window)
-    sums = _box_sum(torch.cat([f, w, f * f, w * w, f * w], dim=1), window) / count
+    sums = window_mean(torch.cat([f, w, f * f, w * w, f * w], dim=1), window)
     mean_f, mean_w, mean_ff, mean_ww, mean_fw = sums.split(channels, dim=1)
     var_f = (mean_ff - mean_f.square()).clamp_min(0)
     var_w = (mean_ww - mean_w.square()).clamp_min(0)

@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from ..filters import window_mean
 from ..losses.similarity import local_correlation_map
 from ..pipeline.problem import RegistrationProblem
 from ..spatial.grid import Grid
@@ -69,10 +69,9 @@ def smooth(volume: torch.Tensor, width_voxels: int, passes: int = 2) -> torch.Te
     """``volume`` ``(D, H, W)`` averaged ``passes`` times over a cube of ``width_voxels`` (odd,
     edge-replicated), e.g. to turn a voxel-wise decision into a smooth weight."""
     width = max(1, width_voxels) | 1
-    x = volume[None, None]
     for _ in range(passes):
-        x = F.avg_pool3d(F.pad(x, (width // 2,) * 6, mode="replicate"), width, stride=1)
-    return x[0, 0]
+        volume = window_mean(volume, width, border="replicate")
+    return volume
 
 
 def best_candidate(problem: RegistrationProblem, candidates: dict[str, SpatialTransform]

@@ -12,8 +12,8 @@ residual is composed with the incoming transform.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from ..filters import window_mean
 from ..image import Image
 from ..losses import diffusion, local_ncc
 from ..pipeline.problem import RegistrationProblem, WorkingLevel
@@ -99,7 +99,7 @@ class IntensityDeformable(Stage):
     def _smooth(self, parameters: torch.Tensor) -> torch.Tensor:
         field = parameters
         for _ in range(self.smoothing_passes):
-            field = F.avg_pool3d(F.pad(field, (1,) * 6, mode="replicate"), 3, stride=1)
+            field = window_mean(field, 3, border="replicate")
         return field
 
 

@@ -26,8 +26,8 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from ..filters import window_mean
 from ..learning.instance_optimisation import refine
 from ..learning.pairs import pair_from_problem
 from ..networks.unet import half_grid
@@ -188,7 +188,7 @@ def _smooth(field: torch.Tensor, passes: int = 2) -> torch.Tensor:
     """``passes`` 3x3x3 box filters (edges replicated) of a ``(N, 3, D, H, W)`` field: Adam moves every
     voxel by about the step size, so the refined residuals are smoothed before they are added."""
     for _ in range(passes):
-        field = F.avg_pool3d(F.pad(field, (1,) * 6, mode="replicate"), 3, stride=1)
+        field = window_mean(field, 3, border="replicate")
     return field
 
 
