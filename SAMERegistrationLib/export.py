@@ -73,8 +73,9 @@ def displacement_field_image(displacement: torch.Tensor, grid: Grid) -> sitk.Ima
 def write_displacement_field(displacement: torch.Tensor, grid: Grid, path: str | os.PathLike) -> None:
     """Writes a displacement field (fixed LPS -> moving LPS offsets) for ITK, ANTs or Slicer.
 
-    ``.nii``/``.nii.gz``: a NIfTI-1 vector image with intent code 1006 (displacement vectors) and RAS
-    components, as the NIfTI standard and ITK's reader expect (ITK reads them back as LPS).
+    ``.nii``/``.nii.gz``: a NIfTI-1 image of float32 vectors with intent code 1006 (displacement
+    vectors) and RAS components, as the NIfTI standard and ITK's reader expect (ITK reads them back
+    as LPS). float32 holds the library's fields exactly (they are computed in float32).
     ``.h5``/``.hdf5``/``.tfm``/``.txt``: an ITK ``DisplacementFieldTransform``.
 
     Args:
@@ -85,44 +86,48 @@ def write_displacement_field(displacement: torch.Tensor, grid: Grid, path: str |
     name = str(path).lower()
     if name.endswith((".nii", ".nii.gz")):
         ras = torch.einsum("rc,c...->r...", torch.as_tensor(LPS_TO_RAS), displacement.detach().cpu().double())
-        image = displacement_field_image(ras, grid)
+        image = sitk.Cast(displacement_field_image(ras, grid), sitk.sitkVectorFloat32)
         try:
-            sitk.WriteImage(image, str(path), useCompression=True)
-        except RuntimeError as error:
+            _write_nifti_with_intent_code(image, Path(path), NIFTI_INTENT_DISPVECT)
+        except (RuntimeError, OSError) as error:
             raise InputError(f"{path}: the displacement field cannot be written: check that its folder "
                              "exists and is writable") from error
-        _set_nifti_intent_code(Path(path), NIFTI_INTENT_DISPVECT)
     elif name.endswith((".h5", ".hdf5", ".tfm", ".txt")):
         _write_sitk_transform(sitk.DisplacementFieldTransform(displacement_field_image(displacement, grid)), path)
     else:
         raise InputError(f"{path}: unknown displacement field format: use .nii.gz, .nii or .h5")
 
 
-def _set_nifti_intent_code(path: Path, code: int) -> None:
-    """Sets the intent code of a NIfTI-1 file written by SimpleITK, then checks it by reading it back.
+def _write_nifti_with_intent_code(image: sitk.Image, path: Path, code: int) -> None:
+    """Writes ``image`` as NIfTI-1 with ``intent_code`` set, then checks it by reading it back.
 
-    A gzipped file is rewritten through a temporary file in the same folder (keeping the file's
-    permissions), then swapped in.
+    SimpleITK cannot set the intent code of a vector image, so the header is patched: in place for
+    ``.nii``; for ``.nii.gz`` the image is written uncompressed to a temporary file beside ``path``,
+    patched, and compressed once into ``path`` (compressing is most of the cost of writing).
     """
-    if path.name.lower().endswith(".gz"):
-        handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".nii.gz")
+    if not path.name.lower().endswith(".gz"):
+        sitk.WriteImage(image, str(path), useCompression=False)
+        _set_nifti_intent_code(path, code)
+    else:
+        handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".nii")
         os.close(handle)
         try:
-            with gzip.open(path, "rb") as source, gzip.open(temporary, "wb", compresslevel=6) as target:
-                target.write(_with_intent_code(source.read(_NIFTI1_HEADER_SIZE), code))
+            sitk.WriteImage(image, temporary, useCompression=False)
+            _set_nifti_intent_code(Path(temporary), code)
+            with open(temporary, "rb") as source, gzip.open(path, "wb", compresslevel=6) as target:
                 shutil.copyfileobj(source, target, length=1 << 24)
-            shutil.copymode(path, temporary)
-            os.replace(temporary, path)
         finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
-    else:
-        with open(path, "r+b") as file:
-            header = _with_intent_code(file.read(_NIFTI1_HEADER_SIZE), code)
-            file.seek(0)
-            file.write(header)
+            os.remove(temporary)
     if _read_intent_code(path) != code:
         raise RuntimeError(f"{path}: setting the NIfTI intent code to {code} failed")
+
+
+def _set_nifti_intent_code(path: Path, code: int) -> None:
+    """Sets the intent code in the header of an uncompressed NIfTI-1 file, in place."""
+    with open(path, "r+b") as file:
+        header = _with_intent_code(file.read(_NIFTI1_HEADER_SIZE), code)
+        file.seek(0)
+        file.write(header)
 
 
 def _nifti1_byte_order(header: bytes) -> str:
