@@ -11,11 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from SAMERegistrationLib.errors import InputError, RegistrationCancelled
 from SAMERegistrationLib.image import Image
 from SAMERegistrationLib.io import read_image, read_labels, write_image
-from SAMERegistrationLib.learning.objective import ObjectiveSettings, RegistrationObjective, parse_similarity
+from SAMERegistrationLib.learning.objective import (ObjectiveSettings, RegistrationObjective, parse_similarity,
+                                                    sam_similarity)
 from SAMERegistrationLib.learning.pairs import FeaturePair
 from SAMERegistrationLib.learning.training_pairs import Augmentation, prepare_scans, sample_batch
 from SAMERegistrationLib.learning.weights import save_weights
@@ -29,6 +31,7 @@ from SAMERegistrationLib.sam.embedding import load_sam
 from SAMERegistrationLib.sam.features import add_sam_features, sam_correlation
 from SAMERegistrationLib.sam_voxelmorph.network import (DEFAULT_WEIGHTS, SAMVMConfig, SAMVoxelMorphNet, load_sam_vm,
                                                         predict)
+from SAMERegistrationLib.spatial.fields import resample_batch, warp_batch
 from SAMERegistrationLib.spatial.grid import Grid
 from SAMERegistrationLib.spatial.transform import SpatialTransform
 from SAMERegistrationLib.spatial.jacobian import jacobian_determinant, jacobian_statistics
@@ -82,6 +85,25 @@ def test_sam_correlation_channels_are_neighbourhood_cosines():
     same_position = (fixed * shifted).sum(1)
     assert torch.allclose(correlation[:, 13], same_position, atol=1e-6)
     assert correlation.max() <= 1 + 1e-5
+
+
+def test_sam_similarity_is_the_body_mean_of_the_cosine(torso_scans):
+    """The SAM term on real SAM features of two crops, under a smooth displacement: 1 - the
+    body-weighted mean of F.cosine_similarity between the fixed and the warped moving features."""
+    pair = add_sam_features(sample_batch(torso_scans, 1, (32, 48, 48), Augmentation(), torch.Generator().manual_seed(4)),
+                            load_sam())
+    features = pair.features["sam"]
+    assert torch.allclose(features.fixed.norm(dim=1), torch.ones(()), atol=1e-5)   # unit vectors
+    generator = torch.Generator().manual_seed(5)
+    displacement = F.interpolate(torch.randn(1, 3, 4, 6, 6, generator=generator), size=pair.grid.shape,
+                                 mode="trilinear", align_corners=True) * 4.0
+    on_features = resample_batch(displacement, pair.grid, features.grid)
+    warped = warp_batch(features.moving, features.grid, on_features)
+    weight = resample_batch(pair.weight, pair.grid, features.grid)
+    cosine = F.cosine_similarity(features.fixed, warped, dim=1, eps=1e-6)[:, None]
+    expected = 1 - (cosine * weight).sum() / weight.sum()
+    assert abs(float(sam_similarity(pair, displacement)) - float(expected)) < 1e-5
+    assert 0.05 < float(expected) < 1.5                              # a real, non-trivial mismatch
 
 
 def test_a_few_training_steps_lower_the_loss(torso_scans):

@@ -355,8 +355,8 @@ def run_timing(methods: dict[str, Embed], data: Path, repeats: int = 3) -> list[
              f"radiomicsE chest CT resampled to 2 mm: working grid {'x'.join(map(str, chest.grid.size_ijk))} voxels "
              f"(x, y, z). {torch.get_num_threads()} torch threads, CPU, fp32, best of {repeats} runs after a warm-up. "
              "'match' = preparing the target (`MatchTarget`) + matching 1000 body points into the same image's "
-             "embeddings; 'cycle' adds the backward match. Memory: bytes of the embedding tensors, of the global map "
-             "resampled onto the local grid that `MatchTarget` adds, and the rise of the process's resident memory "
+             "embeddings; 'cycle' adds the backward match. Memory: bytes of the embedding tensors, of the voxel-major "
+             "copy (local embedding + global map resampled onto the local grid) that `MatchTarget` adds, and the rise of the process's resident memory "
              "during the first embedding (sampled every 20 ms; memory the allocator reuses is not counted).", "",
              "| method | embed (s) | prepare target (s) | match 1000 (s) | match 1000 + cycle (s) | local map | coarse map | embeddings (MiB) | + MatchTarget (MiB) | process RSS rise while embedding (MiB) |",
              "|---|---:|---:|---:|---:|---|---|---:|---:|---:|"]
@@ -372,7 +372,7 @@ def run_timing(methods: dict[str, Embed], data: Path, repeats: int = 3) -> list[
         cycle_s = min(_timed(lambda: match_points(embeddings, target, points, cycle_tolerance_mm=CYCLE_TOLERANCE_MM))
                       for _ in range(repeats))
         size = tensor_bytes(embeddings.local.features, embeddings.coarse.features)
-        extra = tensor_bytes(target.coarse_on_local_flat)
+        extra = tensor_bytes(target.voxel_rows)
         local_shape = "x".join(map(str, embeddings.local.features.shape))
         coarse_shape = "x".join(map(str, embeddings.coarse.features.shape))
         lines.append(f"| {name} | {embed_s:.2f} | {prepare_s:.2f} | {match_s:.2f} | {cycle_s:.2f} | {local_shape} | "

@@ -23,7 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..losses import REGULARIZERS, mutual_information, ncc, soft_dice, ssd
 from ..losses.deepsim import deepsim_sam_term, deepsim_term
@@ -164,14 +163,19 @@ def label_dice_loss(pair: PairBatch, displacement: torch.Tensor) -> torch.Tensor
 
 def sam_similarity(pair: PairBatch, displacement: torch.Tensor) -> torch.Tensor:
     """``1 - cos`` of the fixed SAM embeddings and the moving ones warped by ``displacement``,
-    averaged over the fixed body on the embeddings' grid (``pair.features["sam"]``)."""
+    averaged over the fixed body on the embeddings' grid (``pair.features["sam"]``).
+
+    The features are unit vectors (:func:`..sam.features.sam_features`), so the cosine is the dot
+    product divided by the warped vector's norm alone (interpolation shortens it): one pass over
+    the channels fewer than ``F.cosine_similarity``, in the forward and the backward pass.
+    """
     if "sam" not in pair.features:
         raise ValueError("the 'sam' similarity needs SAM embeddings of the pair (CT images and SAM weights)")
     features = pair.features["sam"]
-    on_features = resample_batch(displacement, pair.grid, features.grid)
+    on_features = displacement if features.grid == pair.grid else resample_batch(displacement, pair.grid, features.grid)
     warped = warp_batch(features.moving, features.grid, on_features)
-    cosine = F.cosine_similarity(features.fixed, warped, dim=1, eps=1e-6)[:, None]
-    weight = resample_batch(pair.weight, pair.grid, features.grid)
+    cosine = (features.fixed * warped).sum(dim=1, keepdim=True) / warped.norm(dim=1, keepdim=True).clamp_min(1e-6)
+    weight = pair.weight if features.grid == pair.grid else resample_batch(pair.weight, pair.grid, features.grid)
     return 1 - (cosine * weight).sum() / weight.sum().clamp_min(1e-6)
 
 

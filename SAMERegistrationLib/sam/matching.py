@@ -31,16 +31,22 @@ class Matches:
 
 
 class MatchTarget:
-    """A target image's embeddings prepared for repeated matching (global map resampled onto the
-    local grid once)."""
+    """A target image's embeddings prepared for repeated matching.
+
+    Attributes:
+        voxel_rows: ``(V, C_l + C_g)``: for every local voxel (flat k, j, i order) its unit local
+            embedding followed by the unit global embedding resampled there, one contiguous row per
+            voxel, so a search window is one row gather and one batched dot product.
+        coarse_flat: ``(C_g, Vc)`` the global embeddings on their own (coarse) grid.
+    """
 
     def __init__(self, embeddings: Embeddings) -> None:
         self.embeddings = embeddings
         local = embeddings.local
         coarse_on_local = sample_at_points(embeddings.coarse.features, embeddings.coarse.grid,
                                            local.grid.world_points(device=local.features.device), padding="border")
-        self.local_flat = local.features.reshape(local.features.shape[0], -1)            # (C_l, V)
-        self.coarse_on_local_flat = F.normalize(coarse_on_local, dim=0).reshape(coarse_on_local.shape[0], -1)
+        rows = torch.cat([local.features, F.normalize(coarse_on_local, dim=0)])
+        self.voxel_rows = rows.reshape(rows.shape[0], -1).T.contiguous()
         self.coarse_flat = embeddings.coarse.features.reshape(embeddings.coarse.features.shape[0], -1)
         self.coarse_points = embeddings.coarse.grid.world_points(device=local.features.device).reshape(-1, 3)
         self.shape_dhw = torch.tensor(local.grid.shape, device=local.features.device)
@@ -99,23 +105,22 @@ def _match_chunk(source: Embeddings, target: MatchTarget, points: torch.Tensor, 
     voxels = (centre_kji[:, :, None, :] + window[None, None]).reshape(len(points), -1, 3)
     voxels = torch.minimum(voxels.clamp(min=0), target.shape_dhw - 1)
     flat = (voxels[..., 0] * target.shape_dhw[1] + voxels[..., 1]) * target.shape_dhw[2] + voxels[..., 2]
-    local_similarity = torch.einsum("nc,cnv->nv", local_query, target.local_flat[:, flat])
-    coarse_on_local = torch.einsum("nc,cnv->nv", coarse_query, target.coarse_on_local_flat[:, flat])
-    combined = (local_similarity + coarse_on_local) / 2.0
+    query = torch.cat([local_query, coarse_query], dim=1)                              # (N, C_l + C_g)
+    combined = torch.bmm(target.voxel_rows[flat], query[:, :, None])[..., 0] / 2.0      # (cos_l + cos_g) / 2
     score, best = combined.max(dim=1)
     best_kji = voxels.gather(1, best[:, None, None].expand(-1, 1, 3))[:, 0]
     refined_kji = best_kji.double()
     if subvoxel:
-        refined_kji = refined_kji + _parabolic_offsets(target, best_kji, local_query, coarse_query)
+        refined_kji = refined_kji + _parabolic_offsets(target, best_kji, query)
     index_ijk = refined_kji.flip(-1)
     matrix = torch.as_tensor(local_grid.index_to_world(), dtype=torch.float64, device=points.device)
     matched = (index_ijk @ matrix[:3, :3].T + matrix[:3, 3]).to(points.dtype)
     return matched, score
 
 
-def _parabolic_offsets(target: MatchTarget, best_kji: torch.Tensor, local_query: torch.Tensor,
-                       coarse_query: torch.Tensor) -> torch.Tensor:
-    """Sub-voxel offsets ``(N, 3)`` (k, j, i) from a parabola through the best voxel's neighbours."""
+def _parabolic_offsets(target: MatchTarget, best_kji: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """Sub-voxel offsets ``(N, 3)`` (k, j, i) from a parabola through the best voxel's neighbours
+    (``query``: ``(N, C_l + C_g)`` local then global query descriptors)."""
     offsets = torch.zeros(best_kji.shape, dtype=torch.float64, device=best_kji.device)
     shape = target.shape_dhw
     for axis in range(3):
@@ -124,8 +129,7 @@ def _parabolic_offsets(target: MatchTarget, best_kji: torch.Tensor, local_query:
             voxel = best_kji.clone()
             voxel[:, axis] = (voxel[:, axis] + step).clamp(0, shape[axis] - 1)
             flat = (voxel[:, 0] * shape[1] + voxel[:, 1]) * shape[2] + voxel[:, 2]
-            values.append(((local_query * target.local_flat[:, flat].T).sum(-1)
-                           + (coarse_query * target.coarse_on_local_flat[:, flat].T).sum(-1)).double() / 2)
+            values.append((target.voxel_rows[flat] * query).sum(-1).double() / 2)
         minus, centre, plus = values
         curvature = minus - 2 * centre + plus
         shift = torch.where(curvature < -1e-9, 0.5 * (minus - plus) / curvature, torch.zeros_like(centre))
