@@ -6,7 +6,8 @@ axis at a time: prepend a zero, take the cumulative sum along the axis, and subt
 shifted by the window width. That costs three passes over the tensor per axis whatever the window
 size, where a convolution costs one multiply-add per window voxel (PyTorch's depthwise ``conv3d``
 and ``avg_pool3d`` on a CPU were 2-5x slower for the windows used here; README, "Where the time of
-the learned modes goes"). Autograd differentiates it through ``cumsum`` (a reversed cumulative sum).
+the learned modes goes"). Its gradient is the same window sum of the incoming gradient (the
+zero-padded window sum is symmetric), computed by a custom autograd function.
 
 Volumes are tensors whose last three dimensions are the (D, H, W) voxel axes, with any leading
 (batch, channel) dimensions. Windows are counted in voxels.
@@ -58,26 +59,48 @@ def window_mean(volume: torch.Tensor, window: int | tuple[int, int, int], border
 def _axis_mean(x: torch.Tensor, dim: int, size: int, border: Border, stride: int) -> torch.Tensor:
     """The window mean along one axis ``dim`` (see :func:`window_mean`)."""
     radius, length = size // 2, x.shape[dim]
+    sums = _WindowSum.apply(x, dim, size)
+    centres = torch.arange(length, device=x.device)
     if border == "replicate":
-        before, after = x.narrow(dim, 0, 1), x.narrow(dim, length - 1, 1)
-        repeat = [-1] * x.dim()
-        repeat[dim] = radius
-        pieces = [torch.zeros_like(before), before.expand(repeat), x, after.expand(repeat)]
+        # the windows' voxels beyond each end are copies of the edge voxel
+        shape = [1] * x.dim()
+        shape[dim] = -1
+        below = (radius - centres).clamp(min=0).to(x.dtype).reshape(shape)
+        above = (centres + radius - (length - 1)).clamp(min=0).to(x.dtype).reshape(shape)
+        sums = sums + below * x.narrow(dim, 0, 1) + above * x.narrow(dim, length - 1, 1)
+        means = sums / size
     else:
-        zero_shape = list(x.shape)
-        zero_shape[dim] = radius + 1
-        pieces = [x.new_zeros(zero_shape), x, x.new_zeros(zero_shape[:dim] + [radius] + zero_shape[dim + 1:])]
-    # cumulative[k] = sum of the padded axis' first k voxels; window i covers padded voxels i .. i + size - 1
-    cumulative = torch.cat(pieces, dim=dim).cumsum(dim)
-    if stride == 1:
-        sums = cumulative.narrow(dim, size, length) - cumulative.narrow(dim, 0, length)
-        centres = torch.arange(length, device=x.device)
-    else:
-        centres = torch.arange(0, length, stride, device=x.device)
-        sums = cumulative.index_select(dim, centres + size) - cumulative.index_select(dim, centres)
-    if border == "replicate":
-        return sums / size
-    counts = (centres + radius).clamp(max=length - 1) - (centres - radius).clamp(min=0) + 1
-    shape = [1] * x.dim()
-    shape[dim] = -1
-    return sums / counts.to(x.dtype).reshape(shape)
+        counts = (centres + radius).clamp(max=length - 1) - (centres - radius).clamp(min=0) + 1
+        shape = [1] * x.dim()
+        shape[dim] = -1
+        means = sums / counts.to(x.dtype).reshape(shape)
+    if stride > 1:
+        means = means.index_select(dim, torch.arange(0, length, stride, device=x.device))
+    return means
+
+
+def _window_sum(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """Sum over the ``size`` voxels centred on each voxel along ``dim``, zero beyond the ends."""
+    radius, length = size // 2, x.shape[dim]
+    shape = list(x.shape)
+    shape[dim] = radius + 1
+    before = x.new_zeros(shape)
+    shape[dim] = radius
+    # cumulative[k] = sum of the zero-padded axis' first k voxels; window i covers padded voxels i .. i + size - 1
+    cumulative = torch.cat([before, x, x.new_zeros(shape)], dim=dim).cumsum(dim)
+    return cumulative.narrow(dim, size, length) - cumulative.narrow(dim, 0, length)
+
+
+class _WindowSum(torch.autograd.Function):
+    """:func:`_window_sum` with its own backward: the zero-padded window sum is a symmetric linear
+    map, so its gradient is the window sum of the incoming gradient (autograd's own backward of
+    ``cumsum`` flips the tensor twice per axis, which cost as much as the forward pass)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+        ctx.dim, ctx.size = dim, size
+        return _window_sum(x, dim, size)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return _WindowSum.apply(grad, ctx.dim, ctx.size), None, None
