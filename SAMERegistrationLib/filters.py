@@ -1,7 +1,8 @@
 """Box filters of volumes: means over centred windows, separable, by cumulative sums.
 
-One home for the windowed averages of the package (local NCC statistics, MIND-SSC patch
-distances, the smoothing of optimised fields and of decision maps). A window mean is computed one
+One home for the windowed averages of the package (local NCC statistics, MIND-SSC's context
+pooling, the smoothing of optimised fields and of decision maps; MIND-SSC's own patch distances sum
+a few slices of a pre-padded array at the output voxels only, ``descriptors.mind``). A window mean is computed one
 axis at a time: prepend a zero, take the cumulative sum along the axis, and subtract it from itself
 shifted by the window width. That costs three passes over the tensor per axis whatever the window
 size, where a convolution costs one multiply-add per window voxel (PyTorch's depthwise ``conv3d``
@@ -60,20 +61,17 @@ def _axis_mean(x: torch.Tensor, dim: int, size: int, border: Border, stride: int
     """The window mean along one axis ``dim`` (see :func:`window_mean`)."""
     radius, length = size // 2, x.shape[dim]
     sums = _WindowSum.apply(x, dim, size)
-    centres = torch.arange(length, device=x.device)
+    along_axis = [1] * x.dim()
+    along_axis[dim] = -1
+    centres = torch.arange(length, device=x.device).reshape(along_axis)
     if border == "replicate":
         # the windows' voxels beyond each end are copies of the edge voxel
-        shape = [1] * x.dim()
-        shape[dim] = -1
-        below = (radius - centres).clamp(min=0).to(x.dtype).reshape(shape)
-        above = (centres + radius - (length - 1)).clamp(min=0).to(x.dtype).reshape(shape)
-        sums = sums + below * x.narrow(dim, 0, 1) + above * x.narrow(dim, length - 1, 1)
-        means = sums / size
+        below = (radius - centres).clamp(min=0).to(x.dtype)
+        above = (centres + radius - (length - 1)).clamp(min=0).to(x.dtype)
+        means = (sums + below * x.narrow(dim, 0, 1) + above * x.narrow(dim, length - 1, 1)) / size
     else:
         counts = (centres + radius).clamp(max=length - 1) - (centres - radius).clamp(min=0) + 1
-        shape = [1] * x.dim()
-        shape[dim] = -1
-        means = sums / counts.to(x.dtype).reshape(shape)
+        means = sums / counts.to(x.dtype)
     if stride > 1:
         means = means.index_select(dim, torch.arange(0, length, stride, device=x.device))
     return means

@@ -172,10 +172,13 @@ def sam_similarity(pair: PairBatch, displacement: torch.Tensor) -> torch.Tensor:
     if "sam" not in pair.features:
         raise ValueError("the 'sam' similarity needs SAM embeddings of the pair (CT images and SAM weights)")
     features = pair.features["sam"]
-    on_features = displacement if features.grid == pair.grid else resample_batch(displacement, pair.grid, features.grid)
+    if features.grid == pair.grid:
+        on_features, weight = displacement, pair.weight
+    else:
+        on_features = resample_batch(displacement, pair.grid, features.grid)
+        weight = resample_batch(pair.weight, pair.grid, features.grid)
     warped = warp_batch(features.moving, features.grid, on_features)
     cosine = (features.fixed * warped).sum(dim=1, keepdim=True) / warped.norm(dim=1, keepdim=True).clamp_min(1e-6)
-    weight = pair.weight if features.grid == pair.grid else resample_batch(pair.weight, pair.grid, features.grid)
     return 1 - (cosine * weight).sum() / weight.sum().clamp_min(1e-6)
 
 
