@@ -3,9 +3,10 @@
 One home for the windowed averages of the package (local NCC statistics, MIND-SSC's context
 pooling, the smoothing of optimised fields and of decision maps; MIND-SSC's own patch distances sum
 a few slices of a pre-padded array at the output voxels only, ``descriptors.mind``). A window mean is computed one
-axis at a time: prepend a zero, take the cumulative sum along the axis, and subtract it from itself
-shifted by the window width. That costs three passes over the tensor per axis whatever the window
-size, where a convolution costs one multiply-add per window voxel (PyTorch's depthwise ``conv3d``
+axis at a time: small windows as a sum of shifted copies, larger ones by prepending a zero, taking
+the cumulative sum along the axis and subtracting it from itself shifted by the window width
+(three passes over the tensor per axis whatever the window size), where a convolution costs one
+multiply-add per window voxel (PyTorch's depthwise ``conv3d``
 and ``avg_pool3d`` on a CPU were 2-5x slower for the windows used here; README, "Where the time of
 the learned modes goes"). Its gradient is the same window sum of the incoming gradient (the
 zero-padded window sum is symmetric), computed by a custom autograd function.
@@ -77,9 +78,22 @@ def _axis_mean(x: torch.Tensor, dim: int, size: int, border: Border, stride: int
     return means
 
 
+_SHIFTED_SUM_MAX_WINDOW = 7
+"""Windows up to this size are summed as shifted copies (``size`` passes over the tensor, no
+temporaries); larger ones by a cumulative sum (a constant three passes). On this 2-core CPU the
+shifted sums were 1.3-4x faster for windows 3-7 and as fast at 9 (README, "Where the time of the
+learned modes goes")."""
+
+
 def _window_sum(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     """Sum over the ``size`` voxels centred on each voxel along ``dim``, zero beyond the ends."""
     radius, length = size // 2, x.shape[dim]
+    if size <= _SHIFTED_SUM_MAX_WINDOW:
+        sums = x.clone()
+        for shift in range(1, min(radius, length - 1) + 1):
+            sums.narrow(dim, shift, length - shift).add_(x.narrow(dim, 0, length - shift))
+            sums.narrow(dim, 0, length - shift).add_(x.narrow(dim, shift, length - shift))
+        return sums
     shape = list(x.shape)
     shape[dim] = radius + 1
     before = x.new_zeros(shape)

@@ -30,12 +30,21 @@ def _loop_mean(volume: np.ndarray, sizes: tuple[int, int, int], border: str, str
 
 @pytest.mark.parametrize("border", ["truncate", "replicate"])
 @pytest.mark.parametrize("sizes,stride", [((3, 3, 3), 1), ((1, 5, 9), 1), ((5, 3, 7), 2), ((9, 9, 9), 3),
-                                          ((15, 15, 15), 1)])
+                                          ((7, 7, 7), 1), ((15, 15, 15), 1)])
 def test_window_mean_matches_loop_reference(border, sizes, stride):
     rng = np.random.default_rng(3)
     volume = rng.normal(size=(2, 9, 7, 6))
     result = window_mean(torch.from_numpy(volume), sizes, border=border, stride=stride).numpy()
     np.testing.assert_allclose(result, _loop_mean(volume, sizes, border, stride), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("border", ["truncate", "replicate"])
+def test_window_mean_of_windows_longer_than_the_axis(border):
+    """Shifted-copy sums (windows up to 7) and cumulative sums (larger) on axes of 2 and 3 voxels."""
+    volume = np.random.default_rng(4).normal(size=(1, 2, 3, 9))
+    for sizes in ((5, 7, 3), (11, 9, 3)):
+        result = window_mean(torch.from_numpy(volume), sizes, border=border).numpy()
+        np.testing.assert_allclose(result, _loop_mean(volume, sizes, border, 1), rtol=0, atol=1e-12)
 
 
 def test_window_mean_matches_pytorch_pooling():

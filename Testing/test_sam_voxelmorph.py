@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -89,21 +90,33 @@ def test_sam_correlation_channels_are_neighbourhood_cosines():
 
 def test_sam_similarity_is_the_body_mean_of_the_cosine(torso_scans):
     """The SAM term on real SAM features of two crops, under a smooth displacement: 1 - the
-    body-weighted mean of F.cosine_similarity between the fixed and the warped moving features."""
+    body-weighted mean of F.cosine_similarity between the fixed and the whole warped moving feature
+    map, in value and in its gradient (the term itself samples only the body's voxels)."""
     pair = add_sam_features(sample_batch(torso_scans, 1, (32, 48, 48), Augmentation(), torch.Generator().manual_seed(4)),
                             load_sam())
     features = pair.features["sam"]
     assert torch.allclose(features.fixed.norm(dim=1), torch.ones(()), atol=1e-5)   # unit vectors
+    pair.weight = torch.zeros_like(pair.weight)                      # a "body" with air beside it
+    pair.weight[..., :20] = 1.0
+    pair.weight[..., 20:28] = 0.5
     generator = torch.Generator().manual_seed(5)
     displacement = F.interpolate(torch.randn(1, 3, 4, 6, 6, generator=generator), size=pair.grid.shape,
                                  mode="trilinear", align_corners=True) * 4.0
-    on_features = resample_batch(displacement, pair.grid, features.grid)
+    dense = displacement.clone().requires_grad_(True)
+    on_features = resample_batch(dense, pair.grid, features.grid)
     warped = warp_batch(features.moving, features.grid, on_features)
     weight = resample_batch(pair.weight, pair.grid, features.grid)
     cosine = F.cosine_similarity(features.fixed, warped, dim=1, eps=1e-6)[:, None]
     expected = 1 - (cosine * weight).sum() / weight.sum()
-    assert abs(float(sam_similarity(pair, displacement)) - float(expected)) < 1e-5
+    expected.backward()
+    sampled = displacement.clone().requires_grad_(True)
+    value = sam_similarity(pair, sampled)
+    value.backward()
+    assert abs(float(value) - float(expected)) < 1e-5
     assert 0.05 < float(expected) < 1.5                              # a real, non-trivial mismatch
+    assert float((sampled.grad - dense.grad).abs().max()) < 1e-4 * float(dense.grad.abs().max())
+    on_feature_grid = dataclasses.replace(pair, grid=features.grid, weight=weight)    # no resampling of u
+    assert abs(float(sam_similarity(on_feature_grid, on_features.detach())) - float(expected)) < 1e-5
 
 
 def test_a_few_training_steps_lower_the_loss(torso_scans):
