@@ -8,7 +8,7 @@ import torch
 from SAMERegistrationLib.image import Image
 from SAMERegistrationLib.spatial import sampling, warp
 from SAMERegistrationLib.spatial.grid import Grid
-from SAMERegistrationLib.spatial.sampling import chunk_ranges, sample_at_points
+from SAMERegistrationLib.spatial.sampling import DisplacedVoxelSampler, chunk_ranges, sample_at_points
 from SAMERegistrationLib.spatial.transform import SpatialTransform
 from SAMERegistrationLib.spatial.warp import resample_image, resample_labels
 
@@ -161,6 +161,30 @@ def test_sample_at_points_half_voxel_extension_and_padding():
 
 
 # ------------------------------------------------------------------------------------- labels
+_TILTED = np.array([[np.cos(0.3), -np.sin(0.3), 0.0], [np.sin(0.3), np.cos(0.3), 0.0], [0.0, 0.0, 1.0]])
+
+
+@pytest.mark.parametrize("direction", [None, np.diag([-1.0, 1.0, -1.0]), np.array([[0.0, 1, 0], [1, 0, 0], [0, 0, 1]]),
+                                       _TILTED], ids=["identity", "flipped", "permuted", "tilted"])
+@pytest.mark.parametrize("shape", [(7, 9, 11), (1, 9, 11)], ids=["volume", "one-slice"])
+def test_displaced_voxel_sampler_equals_sampling_at_the_moved_world_points(direction, shape):
+    """Values and both gradients of f(x + u(x)) against sample_at_points with border padding, with
+    displacements that carry many voxels beyond the grid (where the edge value is taken)."""
+    grid = Grid.create(shape, (1.5, 2.0, 3.0), (10.0, -5.0, 3.0), direction)
+    generator = torch.Generator().manual_seed(1)
+    field = torch.randn(2, *shape, generator=generator, dtype=torch.float64, requires_grad=True)
+    displacement = (4.0 * torch.randn(3, *shape, generator=generator, dtype=torch.float64)).requires_grad_(True)
+    moved = grid.world_points(dtype=torch.float64) + displacement.movedim(0, -1)
+    expected = sample_at_points(field, grid, moved, padding="border")
+    sampled = DisplacedVoxelSampler(grid, torch.float64)(field, displacement)
+    assert torch.allclose(sampled, expected, rtol=0, atol=1e-12)
+    expected_gradients = torch.autograd.grad((expected ** 2).sum(), (field, displacement))
+    gradients = torch.autograd.grad((sampled ** 2).sum(), (field, displacement))
+    for gradient, expected_gradient in zip(gradients, expected_gradients):
+        assert torch.allclose(gradient, expected_gradient, rtol=0, atol=1e-10)
+    assert float(expected_gradients[1].abs().max()) > 0.1                # the displacement gradient is real
+
+
 def test_nearest_label_resampling_keeps_the_label_values_and_invents_none():
     grid = Grid.create((24, 26, 28), (0.9, 1.1, 1.0), (0.0, 0.0, 0.0), rotation((0.0, 1.0, 1.0), 20.0))
     labels = blob_labels(grid)

@@ -13,7 +13,7 @@ import torch
 
 from .grid import Grid
 from .integrate import scaling_and_squaring
-from .sampling import Interpolation, Padding, sample_at_points
+from .sampling import DisplacedVoxelSampler, Interpolation, Padding, sample_at_points
 
 
 def warp_batch(volume: torch.Tensor, grid: Grid, displacement: torch.Tensor, interpolation: Interpolation = "linear",
@@ -28,6 +28,9 @@ def warp_batch(volume: torch.Tensor, grid: Grid, displacement: torch.Tensor, int
     Returns:
         ``(N, C, D, H, W)``.
     """
+    if padding == "border":
+        warp = DisplacedVoxelSampler(grid, displacement.dtype, displacement.device)
+        return torch.stack([warp(volume[n], displacement[n], interpolation) for n in range(volume.shape[0])])
     points = grid.world_points(dtype=displacement.dtype, device=displacement.device)
     return torch.stack([
         sample_at_points(volume[n], grid, points + torch.movedim(displacement[n], 0, -1), interpolation, padding)

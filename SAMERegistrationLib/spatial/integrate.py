@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from .grid import Grid
-from .sampling import sample_at_points
+from .sampling import DisplacedVoxelSampler, sample_at_points
 
 
 def scaling_and_squaring(velocity: torch.Tensor, grid: Grid, steps: int = 7) -> torch.Tensor:
@@ -27,11 +27,10 @@ def scaling_and_squaring(velocity: torch.Tensor, grid: Grid, steps: int = 7) -> 
     """
     if steps < 0:
         raise ValueError(f"scaling_and_squaring(): 'steps' must be >= 0, got {steps}")
-    points = grid.world_points(dtype=velocity.dtype, device=velocity.device)
+    compose = DisplacedVoxelSampler(grid, velocity.dtype, velocity.device)
     displacement = velocity / 2**steps
     for _ in range(steps):
-        moved = points + torch.movedim(displacement, 0, -1)
-        displacement = displacement + sample_at_points(displacement, grid, moved, padding="border")
+        displacement = displacement + compose(displacement, displacement)
     return displacement
 
 
@@ -49,11 +48,8 @@ def flow_step(displacement: torch.Tensor, velocity: torch.Tensor, grid: Grid) ->
     Returns:
         ``(N, 3, D, H, W)`` ``u_{t+1}`` in LPS mm (differentiable in both inputs).
     """
-    points = grid.world_points(dtype=displacement.dtype, device=displacement.device)
-    return torch.stack([
-        displacement[n] + sample_at_points(velocity[n], grid, points + torch.movedim(displacement[n], 0, -1),
-                                           padding="border")
-        for n in range(displacement.shape[0])])
+    at_flow = DisplacedVoxelSampler(grid, displacement.dtype, displacement.device)
+    return torch.stack([displacement[n] + at_flow(velocity[n], displacement[n]) for n in range(displacement.shape[0])])
 
 
 def integrate_velocities(velocities: Sequence[torch.Tensor], grid: Grid) -> torch.Tensor:

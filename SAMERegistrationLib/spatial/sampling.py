@@ -53,6 +53,53 @@ def sample_at_points(volume: torch.Tensor, grid: Grid, points: torch.Tensor,
     return values[0] if squeeze else values
 
 
+class DisplacedVoxelSampler:
+    """Samples fields of one grid at its own voxel centres moved by a displacement, ``f(x + u(x))``:
+    the operation behind warping by a field and composing fields (scaling and squaring, flow steps).
+
+    The same values and gradients as ``sample_at_points(field, grid, grid.world_points() + u,
+    padding="border")`` (``grid_sample``'s border padding clamps exactly as that function's index
+    clamp does), in about half the time for a 3-channel field: the voxel centres are kept in
+    ``grid_sample``'s coordinates and a displacement in LPS mm is mapped to them by one
+    multiplication per component (for directions that permute no axes) or a 3x3 product, instead of
+    moving world points through the world-to-index matrix, clamping and normalising at every call.
+
+    Args:
+        grid: the grid of the fields and of the displacement.
+        dtype, device: of the displacements that will be passed.
+    """
+
+    def __init__(self, grid: Grid, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        self.grid = grid
+        kk, jj, ii = torch.meshgrid(*(torch.arange(n, dtype=torch.float64, device=device) for n in grid.shape),
+                                    indexing="ij")
+        ijk = torch.stack((ii, jj, kk), dim=-1)                                  # (D, H, W, 3)
+        self.centres = grid.index_to_sampling(ijk).to(dtype)                     # (D, H, W, 3) grid_sample x, y, z
+        unit = grid.index_to_sampling(torch.eye(3, dtype=torch.float64)) - grid.index_to_sampling(
+            torch.zeros(3, dtype=torch.float64))                                 # sampling units per index step
+        mm_to_sampling = torch.as_tensor(grid.world_to_index()[:3, :3]).T * unit.diagonal()   # (3 LPS, 3 x y z)
+        diagonal = bool((mm_to_sampling - torch.diag(mm_to_sampling.diagonal())).abs().max() == 0)
+        self.scale = mm_to_sampling.diagonal().to(dtype=dtype, device=device) if diagonal else None
+        self.matrix = mm_to_sampling.to(dtype=dtype, device=device)
+
+    def __call__(self, field: torch.Tensor, displacement: torch.Tensor, interpolation: Interpolation = "linear"
+                 ) -> torch.Tensor:
+        """``field(x + displacement(x))`` at every voxel ``x``.
+
+        Args:
+            field: ``(C, D, H, W)`` on the grid.
+            displacement: ``(3, D, H, W)`` LPS mm on the grid.
+
+        Returns:
+            ``(C, D, H, W)``.
+        """
+        shift = torch.movedim(displacement, 0, -1)
+        coords = self.centres + (shift * self.scale if self.scale is not None else shift @ self.matrix)
+        mode = "bilinear" if interpolation == "linear" else "nearest"
+        return F.grid_sample(field[None], coords[None].to(field.dtype), mode=mode, padding_mode="border",
+                             align_corners=True)[0]
+
+
 def nearest_at_points(volume: torch.Tensor, grid: Grid, points: torch.Tensor) -> torch.Tensor:
     """The value of the nearest voxel of ``volume`` at LPS points, copied exactly (any dtype, e.g.
     int64 labels beyond float32's 2^24), 0 farther than half a voxel outside the image.
