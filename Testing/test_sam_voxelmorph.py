@@ -29,7 +29,7 @@ from SAMERegistrationLib.pipeline.runner import RegistrationPipeline
 from SAMERegistrationLib.preprocess import body_mask
 from SAMERegistrationLib.registration import RegistrationRequest, register_files
 from SAMERegistrationLib.sam.embedding import load_sam
-from SAMERegistrationLib.sam.features import add_sam_features, sam_correlation
+from SAMERegistrationLib.sam.features import add_sam_features, principal_features, sam_correlation
 from SAMERegistrationLib.sam_voxelmorph.network import (DEFAULT_WEIGHTS, SAMVMConfig, SAMVoxelMorphNet, load_sam_vm,
                                                         predict)
 from SAMERegistrationLib.spatial.fields import resample_batch, warp_batch
@@ -117,6 +117,28 @@ def test_sam_similarity_is_the_body_mean_of_the_cosine(torso_scans):
     assert float((sampled.grad - dense.grad).abs().max()) < 1e-4 * float(dense.grad.abs().max())
     on_feature_grid = dataclasses.replace(pair, grid=features.grid, weight=weight)    # no resampling of u
     assert abs(float(sam_similarity(on_feature_grid, on_features.detach())) - float(expected)) < 1e-5
+
+
+def test_principal_features_keep_the_cosine_of_real_sam_features(torso_scans):
+    """32 principal directions of 64: unit vectors whose cosine between the fixed and the moving
+    crop (displaced, so the cosines spread) follows the full features' closely; 4 directions do not."""
+    pair = add_sam_features(sample_batch(torso_scans, 1, (32, 48, 48), Augmentation(), torch.Generator().manual_seed(6)),
+                            load_sam())
+    features = pair.features["sam"]
+    weight = torch.ones_like(features.fixed[:, :1])
+    moved = FeaturePair(features.fixed, torch.roll(features.moving, shifts=(1, 2), dims=(3, 4)), features.grid)
+
+    def correlation(reduced: FeaturePair) -> float:
+        full = (moved.fixed * moved.moving).sum(dim=1).flatten()
+        kept = (reduced.fixed * reduced.moving).sum(dim=1).flatten()
+        return float(torch.corrcoef(torch.stack([full, kept]))[0, 1])
+
+    reduced = principal_features(moved, weight, 32)
+    assert reduced.fixed.shape[1] == 32 and reduced.grid == features.grid
+    assert torch.allclose(reduced.moving.norm(dim=1), torch.ones(()), atol=1e-5)
+    assert correlation(reduced) > 0.99
+    assert correlation(principal_features(moved, weight, 4)) < correlation(reduced) - 0.02
+    assert principal_features(moved, weight, 64) is moved
 
 
 def test_a_few_training_steps_lower_the_loss(torso_scans):

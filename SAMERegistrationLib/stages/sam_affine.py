@@ -38,8 +38,9 @@ from .intensity_affine import IntensityAffine
 
 
 def fixed_embeddings(problem: RegistrationProblem, model: SAMNet) -> Embeddings:
-    """SAM embeddings of the fixed image, computed once per problem and shared by the SAM stages."""
-    return problem.memo("sam-fixed", lambda: embed(problem.fixed, model, problem.device))
+    """SAM embeddings of the fixed image by ``model``, computed once per problem and shared by the
+    SAM stages (SAM-affine, SAM-coarse, and the SAM features of the learned stages)."""
+    return problem.memo(f"sam-fixed-{id(model)}", lambda: embed(problem.fixed, model, problem.device))
 
 
 def fixed_grid_points(problem: RegistrationProblem, stride: int, max_points: int) -> torch.Tensor:

@@ -43,6 +43,7 @@ from ..spatial.sampling import sample_at_points
 from ..spatial.transform import InverseTransform, SpatialTransform
 from ..tvf.network import TVFNet, prediction_of
 from ..tvf.objective import TVFLossSettings, TVFObjective
+from .sam_affine import fixed_embeddings
 
 DEFAULT_REFINE_ITERATIONS = 50
 DEFAULT_REFINE_SIMILARITY = "lncc+0.1*sam"
@@ -136,7 +137,8 @@ class TimeDependentVelocityFields(Stage):
                 progress.warn("note", "images are not CT in HU: no SAM features; the refinement uses local NCC only")
                 objective = TVFObjective(replace(objective.settings, similarity="lncc"))
             else:
-                coarse.features = add_sam_features(embedded, self.sam.to(problem.device)).features
+                coarse.features = add_sam_features(embedded, self.sam.to(problem.device),
+                                                   fixed_embeddings(problem, self.sam)).features
         parameters = [torch.zeros_like(v, requires_grad=True) for v in velocities]
 
         def refined() -> list[torch.Tensor]:
