@@ -247,6 +247,7 @@ class SAMERegistrationParameterNode:
     showJacobian: bool = False
     similarity: str = ""
     refineIterations: Annotated[int, WithinRange(-1, 100000)] = -1
+    precisionIterations: Annotated[int, WithinRange(0, 100000)] = 0
     labelInterpolation: LabelInterpolation = LabelInterpolation.NEAREST
     threads: Annotated[int, WithinRange(0, 1024)] = 0
     keepFiles: bool = False
@@ -254,7 +255,7 @@ class SAMERegistrationParameterNode:
 
 SAVED_SETTINGS = ("mode", "sameAffineStage", "sameCoarseStage", "sameDeformableStage", "customWeights", "preset",
                   "device", "showOverlay", "showGrid", "gridSpacing", "showJacobian", "similarity",
-                  "refineIterations", "labelInterpolation", "threads", "keepFiles")
+                  "refineIterations", "precisionIterations", "labelInterpolation", "threads", "keepFiles")
 """The parameters a saved settings set holds: every choice except the nodes (which belong to a scene)."""
 SETTINGS_KEY = "SAMERegistration/SavedSettings"
 """Application settings key of the saved settings: a JSON object {name: {parameter: value}}."""
@@ -300,6 +301,8 @@ def workerRequest(parameters) -> dict:
         request["similarity"] = parameters.similarity.strip()
     if parameters.refineIterations >= 0:
         request["refine_iterations"] = parameters.refineIterations
+    if mode == "same" and parameters.precisionIterations > 0:
+        request["precision_iterations"] = parameters.precisionIterations
     return request
 
 

@@ -48,6 +48,8 @@ class ModeSettings:
             (None: the stage's default; 0: network output only).
         similarity: similarity spec of the test-time refinement (see ``learning.objective``;
             None: the stage's default).
+        precision_iterations: iterations of SAM-VoxelMorph's precision step on the full-resolution
+            working images, ``same`` only (None: the stage's default, none).
     """
 
     sam_weights: str | Path | None = None
@@ -56,6 +58,7 @@ class ModeSettings:
     sam_coarse: bool = True
     refine_iterations: int | None = None
     similarity: str | None = None
+    precision_iterations: int | None = None
 
 
 def build_pipeline(mode: str, has_initial_transform: bool = False, settings: ModeSettings = ModeSettings()
@@ -79,7 +82,10 @@ def build_pipeline(mode: str, has_initial_transform: bool = False, settings: Mod
     if mode == "coarse" or (mode in ("same", *TVF_MODES) and settings.sam_coarse):
         stages.append(SAMCoarse(model))
     if mode == "same":
-        stages.append(SAMVoxelMorph(load_sam_vm(settings.vm_weights), model, **_refinement_options(settings)))
+        precision = ({} if settings.precision_iterations is None
+                     else {"precision_iterations": settings.precision_iterations})
+        stages.append(SAMVoxelMorph(load_sam_vm(settings.vm_weights), model, **_refinement_options(settings),
+                                    **precision))
     if mode in TVF_MODES:
         network = load_tvf(settings.tvf_weights or TVF_WEIGHTS[mode])
         stages.append(TimeDependentVelocityFields(network, mode, model, **_refinement_options(settings)))

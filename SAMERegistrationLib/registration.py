@@ -74,6 +74,7 @@ class RegistrationRequest:
     sam_coarse: bool = True
     refine_iterations: int | None = None
     similarity: str | None = None
+    precision_iterations: int | None = None
     device: str = "auto"
     label_method: LabelMethod = "nearest"
     overview: bool = True
@@ -99,7 +100,7 @@ def register_files(request: RegistrationRequest, on_progress: ProgressCallback |
     pipeline = build_pipeline(request.mode, has_initial_transform=request.initial_transform is not None,
                               settings=ModeSettings(request.sam_weights, request.vm_weights, request.tvf_weights,
                                                     request.sam_coarse, request.refine_iterations,
-                                                    request.similarity))
+                                                    request.similarity, request.precision_iterations))
     inputs = load_inputs(request)
     outdir = check_output_directory(request.output_dir)
     check_inputs_outside(outdir, _file_inputs(request), OUTPUT_FILES)
@@ -304,6 +305,13 @@ def _check_learned_stage_options(request: RegistrationRequest) -> None:
         if value is not None and request.mode not in REFINING_MODES:
             raise InputError(f"{option} {value}: has no effect with --mode {request.mode} (only the learned stages of "
                              f"modes {', '.join(REFINING_MODES)} refine): leave it out or choose one of those modes")
+    if request.precision_iterations is not None:
+        if request.precision_iterations < 0:
+            raise InputError(f"--precision-iterations {request.precision_iterations}: must be 0 or more")
+        if request.mode != "same":
+            raise InputError(f"--precision-iterations {request.precision_iterations}: has no effect with --mode "
+                             f"{request.mode} (only SAM-VoxelMorph, in --mode same, has a precision step): leave it "
+                             "out or use --mode same")
     if request.similarity is not None:
         try:
             parse_similarity(request.similarity)

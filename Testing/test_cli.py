@@ -354,6 +354,8 @@ BAD_INPUTS = {
 BAD_OPTIONS = {
     "unknown device": (["--device", "tpu"], ("--device tpu", "unknown device")),
     "negative refinement iterations": (["--mode", "same", "--refine-iterations", "-1"], ("--refine-iterations -1",)),
+    "negative precision iterations": (["--mode", "same", "--precision-iterations", "-2"],
+                                      ("--precision-iterations -2",)),
     "unknown similarity term": (["--mode", "same", "--similarity", "lncc+nmi"], ("--similarity", "unknown term 'nmi'")),
     "zero spacing": (["--spacing", "0"], ("--spacing 0",)),
 }

@@ -111,6 +111,9 @@ def test_shipped_pair_lists_load():
     assert all(spec.fixed.exists() for spec in sample)
     _, shared = load_pair_list(REPO / "benchmarks" / "pairs" / "shared_ct.json")
     assert len([spec for spec in shared if spec.synthetic]) == 6 and len(shared) == 9
+    _, chest = load_pair_list(REPO / "benchmarks" / "pairs" / "chest_known_deformation.json")
+    same_pair = [spec for spec in shared if spec.name == chest[0].name]
+    assert len(chest) == 1 and same_pair and same_pair[0].synthetic == chest[0].synthetic
 
 
 def test_harness_end_to_end(tmp_path, monkeypatch):

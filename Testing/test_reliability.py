@@ -292,6 +292,14 @@ def test_refinement_options_with_a_mode_that_does_not_refine_are_refused(pair_fi
     assert code == EXIT_BAD_INPUT
 
 
+@pytest.mark.parametrize("mode", ["intensity", "tvf"])
+def test_a_precision_step_with_a_mode_that_has_none_is_refused(pair_files, tmp_path, capfd, mode):
+    code = main([str(pair_files["fixed"]), str(pair_files["moving"]), "-o", str(tmp_path / "out"), *FAST,
+                 "--mode", mode, "--precision-iterations", "10"])
+    assert_one_error_line(capfd.readouterr().err, "--precision-iterations 10", f"has no effect with --mode {mode}")
+    assert code == EXIT_BAD_INPUT
+
+
 def test_an_initial_transform_with_nan_parameters_is_refused(tmp_path):
     path = tmp_path / "nan.h5"  # binary floats (ITK's text reader already refuses "nan")
     write_affine(np.diag([1.0, np.nan, 1.0, 1.0]), path)

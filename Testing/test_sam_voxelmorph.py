@@ -19,7 +19,7 @@ from SAMERegistrationLib.image import Image
 from SAMERegistrationLib.io import read_image, read_labels, write_image
 from SAMERegistrationLib.learning.objective import (ObjectiveSettings, RegistrationObjective, parse_similarity,
                                                     sam_similarity)
-from SAMERegistrationLib.learning.pairs import FeaturePair
+from SAMERegistrationLib.learning.pairs import FeaturePair, pair_from_problem
 from SAMERegistrationLib.learning.training_pairs import Augmentation, prepare_scans, sample_batch
 from SAMERegistrationLib.learning.weights import save_weights
 from SAMERegistrationLib.metrics import dice_per_label, shared_labels
@@ -173,18 +173,26 @@ def test_similarity_specs_are_checked():
         parse_similarity("lncc+*sam")
 
 
+def deformed_torso_crop(voxel_mm: float, field_amplitude_mm: float, seed: int):
+    """A 176 x 144 x 96 mm torso CT crop at ``voxel_mm``, a smooth deformation of it (no affine),
+    and their problem at that spacing with the whole crop as the similarity mask (it lies inside the
+    body); one thread, seeded."""
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    torso = small_torso(voxel_mm=voxel_mm, crop_mm=(176.0, 144.0, 96.0))
+    pair = make_synthetic_pair(torso, rotation_deg=(0, 0, 0), scale=(1, 1, 1), translation_mm=(0, 0, 0),
+                               field_amplitude_mm=field_amplitude_mm, seed=seed)
+    everywhere = Image(torch.ones(torso.grid.shape), torso.grid)
+    problem = RegistrationProblem(pair.fixed, pair.moving, fixed_mask=everywhere,
+                                  options=RegistrationOptions(spacing=voxel_mm, threads=1))
+    return torso, pair, problem
+
+
 def test_refinement_recovers_a_known_deformation():
     """With an untrained network (zero output) the test-time refinement alone must recover a smooth
     10 mm deformation of a torso CT crop (inside the body, so the similarity mask is the whole crop).
     Measured: median error 2.22 mm -> 1.04 mm after 40 iterations."""
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    torso = small_torso(voxel_mm=4.0, crop_mm=(176.0, 144.0, 96.0))
-    pair = make_synthetic_pair(torso, rotation_deg=(0, 0, 0), scale=(1, 1, 1), translation_mm=(0, 0, 0),
-                               field_amplitude_mm=10.0, seed=2)
-    everywhere = Image(torch.ones(torso.grid.shape), torso.grid)
-    problem = RegistrationProblem(pair.fixed, pair.moving, fixed_mask=everywhere,
-                                  options=RegistrationOptions(spacing=4.0, threads=1))
+    torso, pair, problem = deformed_torso_crop(voxel_mm=4.0, field_amplitude_mm=10.0, seed=2)
     stage = SAMVoxelMorph(SAMVoxelMorphNet(SAMVMConfig()), load_sam(), refine_iterations=40, refine_similarity="lncc")
     result = RegistrationPipeline([stage]).run(problem)
     points = torso.grid.world_points()[2:-2, 2:-2, 2:-2].reshape(-1, 3)
@@ -193,6 +201,52 @@ def test_refinement_recovers_a_known_deformation():
     details = result.stages[0].details["refinement"]
     assert details["loss_after"] < details["loss_before"]
     assert after < 0.6 * before, (before, after)
+
+
+def test_precision_step_lowers_the_error_left_by_the_refinement():
+    """A smooth 6 mm deformation of a 2 mm torso CT crop: after the half-resolution refinement, the
+    precision step on the 2 mm images lowers the median error further. Measured: 0.86 -> 0.49 mm
+    (30 refinement iterations, then 20 precision iterations)."""
+    torso, pair, problem = deformed_torso_crop(voxel_mm=2.0, field_amplitude_mm=6.0, seed=3)
+    points = torso.grid.world_points()[4:-4, 4:-4, 4:-4].reshape(-1, 3)
+    errors, details = [], None
+    for precision_iterations in (0, 20):
+        stage = SAMVoxelMorph(SAMVoxelMorphNet(SAMVMConfig()), load_sam(), refine_iterations=30,
+                              refine_similarity="lncc", precision_iterations=precision_iterations)
+        result = RegistrationPipeline([stage]).run(problem)
+        errors.append(float(pair.error_mm(result.transform, points).median()))
+        details = result.stages[0].details
+    assert details["precision_step"]["loss_after"] < details["precision_step"]["loss_before"]
+    assert errors[1] < 0.75 * errors[0], errors
+
+
+def test_moving_image_sampled_through_the_incoming_transform_matches_the_composed_result():
+    """The refinement's moving image under a residual ``u`` is the moving working image sampled
+    once through ``phi.then_residual(u)``, the transform the stage returns, also where ``u`` moves
+    points beyond the incoming field's grid; and it is differentiable in ``u``."""
+    torch.manual_seed(0)
+    torso = small_torso(voxel_mm=8.0)
+    problem = RegistrationProblem(torso, torso, options=RegistrationOptions(spacing=8.0, threads=1))
+    grid = problem.level(8.0).fixed.grid
+    rotation = np.eye(4)
+    rotation[:3, :3] = make_synthetic_pair(torso, rotation_deg=(3, -2, 6)).psi.affine[:3, :3]
+    rotation[:3, 3] = (2.7, -1.3, 3.1)
+    field_grid = Grid.create([n - 4 for n in grid.shape], grid.spacing,
+                             [o + 2 * s for o, s in zip(grid.origin, grid.spacing)])   # 2 voxels short of every face
+    field = F.interpolate(torch.randn(1, 3, 3, 3, 3) * 4.0, size=field_grid.shape, mode="trilinear")[0]
+    incoming = SpatialTransform(rotation, field, field_grid)
+    residual = F.interpolate(torch.randn(1, 3, 3, 3, 3) * 6.0, size=grid.shape, mode="trilinear")
+    residual.requires_grad_(True)
+
+    pair = pair_from_problem(problem, incoming, 8.0, sample_through_transform=True)
+    sampled = pair.warp_moving(residual)[0, 0]
+    composed = incoming.then_residual(residual[0], grid)
+    expected, _ = problem.level(8.0).sample_moving(composed.map_points(grid.world_points()))
+    assert torch.allclose(sampled.detach(), expected.detach(), atol=1e-4), float((sampled - expected).abs().max())
+    resampled_twice = pair_from_problem(problem, incoming, 8.0).warp_moving(residual.detach())[0, 0]
+    assert float((resampled_twice - expected).abs().max()) > 0.01       # the two differ: the test can fail
+    sampled.sum().backward()
+    assert torch.isfinite(residual.grad).all() and float(residual.grad.abs().sum()) > 0
 
 
 def test_training_script_runs_resumes_and_writes_loadable_weights(tmp_path):

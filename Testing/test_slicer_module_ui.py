@@ -207,7 +207,8 @@ def test_worker_request_uses_only_fields_the_backend_knows(module):
         if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict) and isinstance(node.targets[0], ast.Name) \
                 and node.targets[0].id in keys:
             keys[node.targets[0].id] |= {k.value for k in node.value.keys}
-    assert keys["request"] >= {"mode", "device", "options", "label_method", "similarity", "refine_iterations"}
+    assert keys["request"] >= {"mode", "device", "options", "label_method", "similarity", "refine_iterations",
+                               "precision_iterations"}
     assert keys["request"] <= {f.name for f in fields(RegistrationRequest)}
     assert keys["options"] >= {"spacing", "threads"}
     assert keys["options"] <= {f.name for f in fields(RegistrationOptions)}
@@ -241,8 +242,8 @@ def test_advanced_section_is_collapsed_by_default(ui):
     collapsed = [p.find("bool").text for p in advanced.findall("property") if p.get("name") == "collapsed"]
     assert collapsed == ["true"]
     inside = {w.get("name") for w in advanced.iter("widget")}
-    assert {"similarityLineEdit", "refineIterationsSpinBox", "labelInterpolationComboBox", "threadsSpinBox",
-            "keepFilesCheckBox", "showFolderButton"} <= inside
+    assert {"similarityLineEdit", "refineIterationsSpinBox", "precisionIterationsSpinBox", "labelInterpolationComboBox",
+            "threadsSpinBox", "keepFilesCheckBox", "showFolderButton"} <= inside
 
 
 def test_saved_settings_round_trip_through_json(module):
@@ -267,13 +268,13 @@ def test_saved_settings_round_trip_through_json(module):
         mode=mode.TVF, sameAffineStage=True, sameCoarseStage=False, sameDeformableStage=True,
         customWeights=pathlib.Path("/weights/sam.pt"), preset=preset.FAST, device=device.CPU, showOverlay=False,
         showGrid=True, gridSpacing=12.5, showJacobian=True, similarity="lncc+0.1*sam", refineIterations=20,
-        labelInterpolation=interpolation.ONEHOT, threads=3, keepFiles=True)
+        precisionIterations=15, labelInterpolation=interpolation.ONEHOT, threads=3, keepFiles=True)
     saved = json.loads(json.dumps(namespace["settingsToJson"](chosen)))
     assert saved["mode"] == "tvf" and saved["customWeights"] == "/weights/sam.pt" and saved["preset"] == 4.0
     fresh = types.SimpleNamespace(
         mode=mode.SAME, sameAffineStage=True, sameCoarseStage=True, sameDeformableStage=True,
         customWeights=pathlib.Path(), preset=preset.QUALITY, device=device.AUTO, showOverlay=True, showGrid=True,
         gridSpacing=15.0, showJacobian=False, similarity="", refineIterations=-1,
-        labelInterpolation=interpolation.NEAREST, threads=0, keepFiles=False)
+        precisionIterations=0, labelInterpolation=interpolation.NEAREST, threads=0, keepFiles=False)
     namespace["applySettingsJson"](fresh, saved)
     assert vars(fresh) == vars(chosen)

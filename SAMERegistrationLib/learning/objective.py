@@ -131,7 +131,7 @@ class RegistrationObjective:
         """
         if regularised is None:
             regularised, regularised_grid = displacement, pair.grid
-        warped = warp_batch(pair.moving, pair.grid, displacement)
+        warped = pair.warp_moving(displacement)
         parts: dict[str, float] = {}
         loss = displacement.new_zeros(())
         for weight, name, term in self.terms:

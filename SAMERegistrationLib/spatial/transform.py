@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .grid import Grid
-from .sampling import chunk_ranges, sample_at_points
+from .sampling import Padding, chunk_ranges, sample_at_points
 
 
 def apply_affine(matrix: np.ndarray | torch.Tensor, points: torch.Tensor) -> torch.Tensor:
@@ -84,11 +84,19 @@ class SpatialTransform:
         field = None if self.field is None else self.field.to(device)
         return SpatialTransform(self.affine, field, self.field_grid)
 
-    def map_points(self, points: torch.Tensor) -> torch.Tensor:
-        """phi(points): fixed LPS mm ``(..., 3)`` -> moving LPS mm ``(..., 3)``."""
+    def map_points(self, points: torch.Tensor, field_padding: Padding = "zeros") -> torch.Tensor:
+        """phi(points): fixed LPS mm ``(..., 3)`` -> moving LPS mm ``(..., 3)`` (differentiable in
+        ``points``).
+
+        Args:
+            field_padding: the field beyond half a voxel outside its grid: "zeros" (as a written
+                transform file maps points) or "border" (its edge value, as :meth:`then_residual`
+                composes: ``then_residual(u).map_points(x)`` equals
+                ``map_points(x + u(x), "border")`` at the voxel centres ``x`` of ``u``'s grid).
+        """
         if self.field is not None:
             field = self.field.to(points.device, points.dtype)
-            displacement = sample_at_points(field, self.field_grid, points)
+            displacement = sample_at_points(field, self.field_grid, points, padding=field_padding)
             points = points + torch.movedim(displacement, 0, -1)
         return apply_affine(self.affine, points)
 
