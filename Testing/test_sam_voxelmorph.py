@@ -221,7 +221,7 @@ def test_precision_step_lowers_the_error_left_by_the_refinement():
 
 
 def test_moving_image_sampled_through_the_incoming_transform_matches_the_composed_result():
-    """The refinement's moving image under a residual ``u`` is the moving working image sampled
+    """The precision step's moving image under a residual ``u`` is the moving working image sampled
     once through ``phi.then_residual(u)``, the transform the stage returns, also where ``u`` moves
     points beyond the incoming field's grid; and it is differentiable in ``u``."""
     torch.manual_seed(0)

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from ..learning.instance_optimisation import refine
+from ..learning.instance_optimisation import RefinementReport, refine
 from ..learning.objective import ObjectiveSettings, RegistrationObjective
 from ..learning.pairs import PairBatch, pair_from_problem
 from ..networks.unet import half_grid
@@ -150,19 +150,12 @@ class SAMVoxelMorph(Stage):
             features = pair.features["sam"]
             weight = resample_batch(coarse.weight, coarse.grid, features.grid)
             coarse.features["sam"] = principal_features(features, weight, self.refine_sam_components)
-        objective = RegistrationObjective(settings)
-        steps = self._integration_steps()
-        parameters = velocity.detach().clone().requires_grad_(True)
-
-        def loss():
-            displacement = velocity_to_displacement(parameters, velocity_grid, coarse.grid, steps)
-            return objective(coarse, displacement, parameters, velocity_grid)
-
         end = 0.8 if self.precision_iterations > 0 else 0.95
-        report = refine([parameters], loss, self.refine_iterations, self.refine_learning_rate_mm, progress,
-                        (0.2, end), "test-time refinement")
+        velocity, report = self._optimise(coarse, velocity, velocity_grid, RegistrationObjective(settings),
+                                          self.refine_iterations, self.refine_learning_rate_mm, progress, (0.2, end),
+                                          "test-time refinement")
         progress.record("refinement", {"similarity": settings.similarity, **report.summary()})
-        return parameters.detach()
+        return velocity
 
     def _precision_step(self, pair: PairBatch, velocity: torch.Tensor, velocity_grid, settings: ObjectiveSettings,
                         progress: Progress) -> torch.Tensor:
@@ -172,6 +165,17 @@ class SAMVoxelMorph(Stage):
         out (its embeddings are no finer than the refinement's images)."""
         objective = RegistrationObjective(ObjectiveSettings(
             similarity="lncc", regulariser_weight=settings.regulariser_weight, lncc_window_mm=PRECISION_WINDOW_MM))
+        velocity, report = self._optimise(pair, velocity, velocity_grid, objective, self.precision_iterations,
+                                          self.precision_learning_rate_mm, progress, (0.8, 0.95),
+                                          f"precision step on the {pair.grid.spacing[0]:g} mm images")
+        progress.record("precision_step", report.summary())
+        return velocity
+
+    def _optimise(self, pair: PairBatch, velocity: torch.Tensor, velocity_grid, objective: RegistrationObjective,
+                  iterations: int, learning_rate_mm: float, progress: Progress, fraction_range: tuple[float, float],
+                  description: str) -> tuple[torch.Tensor, RefinementReport]:
+        """Adam on ``objective`` of the velocity (``(1, 3, d, h, w)`` mm on ``velocity_grid``),
+        integrated onto ``pair.grid``; returns the optimised velocity (detached) and the report."""
         steps = self._integration_steps()
         parameters = velocity.detach().clone().requires_grad_(True)
 
@@ -179,7 +183,5 @@ class SAMVoxelMorph(Stage):
             displacement = velocity_to_displacement(parameters, velocity_grid, pair.grid, steps)
             return objective(pair, displacement, parameters, velocity_grid)
 
-        report = refine([parameters], loss, self.precision_iterations, self.precision_learning_rate_mm, progress,
-                        (0.8, 0.95), f"precision step on the {pair.grid.spacing[0]:g} mm images")
-        progress.record("precision_step", report.summary())
-        return parameters.detach()
+        report = refine([parameters], loss, iterations, learning_rate_mm, progress, fraction_range, description)
+        return parameters.detach(), report
